@@ -1,0 +1,103 @@
+"""Loading and saving MLX model folders (`config.json` + `model*.safetensors` [+ tokenizer]).
+
+The folder layout is mlx-lm's, so our folders load in `mlx_lm.load` and mlx-community OpenELM
+folders load here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+from mlx_lm.utils import save_model as _mlx_lm_save_model
+
+from . import hub
+from .config import ModelArgs
+from .model import Model
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
+
+    A failure (or Ctrl-C) leaves no half-written `out` behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists: delete it or choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(
+    folder: str | Path,
+    model: nn.Module,
+    args: ModelArgs,
+    *,
+    quantization: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
+    """Write weights (sharded past 5 GB, with an index) and `config.json` into an existing folder."""
+    folder = Path(folder)
+    _mlx_lm_save_model(folder, model)
+    config = {**args.to_dict(), **(extra_config or {})}
+    if quantization:
+        # mlx-lm reads `quantization`; transformers-style tools look for `quantization_config`.
+        config["quantization"] = config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_config(folder: str | Path) -> ModelArgs:
+    return ModelArgs.from_file(Path(folder) / "config.json")
+
+
+def load(
+    path: str | Path,
+    *,
+    naive_rms_norm: bool = False,
+    lazy: bool = False,
+) -> tuple[Model, Any, ModelArgs]:
+    """Load an MLX OpenELM folder (ours or mlx-community's), local or a Hub repo id.
+
+    Args:
+        path: the folder, or `owner/name` on the Hub (huggingface-hub's cache is used).
+        naive_rms_norm: build the unfused RMSNorm of the paper (for benchmarks).
+        lazy: leave the weights memory-mapped until first use.
+
+    Returns:
+        (model, tokenizer, config); tokenizer is None when the folder has none.
+    """
+    folder = hub.resolve(path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: is it an MLX model folder?")
+    args = load_config(folder)  # validates model_type and shapes with a clear message
+    if not any(folder.glob("model*.safetensors")):
+        raise FileNotFoundError(
+            f"{folder} has no model*.safetensors: convert a PyTorch checkpoint with `mlx-openelm convert`"
+        )
+    try:
+        model, _ = _mlx_lm_load_model(
+            folder,
+            lazy=lazy,
+            model_config={"naive_rms_norm": naive_rms_norm},
+            get_model_classes=lambda config: (Model, ModelArgs),
+        )
+    except ValueError as e:
+        raise ValueError(f"{folder}: weights do not match config.json: {e}") from None
+    model.eval()
+    return model, None, args

@@ -1,0 +1,132 @@
+"""The OpenELM decoder in MLX.
+
+Parameter names are the Hugging Face checkpoint's own (`transformer.layers.N.attn.qkv_proj`, ...), so
+a converted state dict loads as is, and a folder we write loads in mlx-lm's `openelm` model too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from .config import ModelArgs
+
+
+class NaiveRMSNorm(nn.Module):
+    """RMSNorm from separate ops, as in the PyTorch reference: the paper's slow path, for benchmarks."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xf = x.astype(mx.float32)
+        xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return xf.astype(x.dtype) * self.weight
+
+
+def rms_norm(args: ModelArgs, dims: int) -> nn.Module:
+    # nn.RMSNorm runs mx.fast.rms_norm: one kernel, fp32 accumulation.
+    cls = NaiveRMSNorm if args.naive_rms_norm else nn.RMSNorm
+    return cls(dims, eps=args.rms_norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.head_dim = hd = args.head_dim
+        self.n_heads = args.num_query_heads[layer_id]
+        self.n_kv_heads = args.num_kv_heads[layer_id]
+        self.scale = hd**-0.5
+        self.qkv_proj = nn.Linear(args.model_dim, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.model_dim, bias=False)
+        if args.normalize_qk_projections:
+            self.q_norm = rms_norm(args, hd)
+            self.k_norm = rms_norm(args, hd)
+        self.rope = nn.RoPE(hd, traditional=False, base=args.rope_freq_constant)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, D = x.shape
+        qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = qkv.transpose(0, 2, 1, 3)  # (B, heads, L, head_dim)
+        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, as the reference does
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # GQA: the kernel lets each kv head serve n_heads / n_kv_heads query heads.
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        ffn_dim = args.ffn_dims[layer_id]
+        self.glu = args.ffn_with_glu
+        self.proj_1 = nn.Linear(args.model_dim, (2 if self.glu else 1) * ffn_dim, bias=False)
+        self.proj_2 = nn.Linear(ffn_dim, args.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.proj_1(x)
+        if self.glu:
+            gate, x = mx.split(x, 2, axis=-1)  # the first half is the gate
+            return self.proj_2(nn.silu(gate) * x)
+        return self.proj_2(nn.silu(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn_norm = rms_norm(args, args.model_dim)
+        self.attn = Attention(args, layer_id)
+        self.ffn_norm = rms_norm(args, args.model_dim)
+        self.ffn = MLP(args, layer_id)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class OpenELMModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_transformer_layers)]
+        self.norm = rms_norm(args, args.model_dim)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.token_embeddings(inputs)
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """OpenELM for causal LM: token ids (B, L) -> logits (B, L, vocab)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.transformer = OpenELMModel(args)
+        if not args.share_input_output_layers:
+            self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.transformer(inputs, cache)
+        if self.args.share_input_output_layers:
+            return self.transformer.token_embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.transformer.layers
