@@ -4,9 +4,22 @@ from ._blas import load_fast_blas
 
 load_fast_blas()  # before anything imports mlx.core
 
-from .config import ModelArgs, preset  # noqa: E402
-from .loading import load, save_model  # noqa: E402
-from .model import Model  # noqa: E402
-
 __version__ = "0.1.0"
 __all__ = ["Model", "ModelArgs", "load", "preset", "save_model"]
+
+# Imported on first use, so `mlx_openelm.bench.reference` (torch only) works where MLX is absent.
+_LAZY = {
+    "Model": "model",
+    "ModelArgs": "config",
+    "preset": "config",
+    "load": "loading",
+    "save_model": "loading",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
