@@ -1,0 +1,156 @@
+"""Checkpoint -> MLX model folder: read, check, cast, quantise, write (atomically)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_openelm import hub
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.loading import atomic_folder, save_model
+from mlx_openelm.model import Model
+
+from .corenet import read_corenet
+from .readers import read_hf_config, read_hf_weights
+from .tensors import TensorRef
+from .validate import validate
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _check_options(dtype: str, quantize: bool, q_bits: int, q_group_size: int) -> mx.Dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: choose float32, float16 or bfloat16")
+    if quantize and q_bits not in Q_BITS:
+        raise ValueError(f"q_bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
+    if quantize and q_group_size not in Q_GROUP_SIZES:
+        raise ValueError(f"q_group_size must be 32, 64 or 128, got {q_group_size}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Source:
+    args: ModelArgs
+    tensors: dict[str, TensorRef]  # under Hugging Face names
+    tokenizer: Path | None = None  # the source folder's tokenizer.model
+    notes: list[str] = field(default_factory=list)  # what was changed on the way, for the log
+
+
+def read_source(source: str | Path, config_yaml: str | Path | None = None) -> Source:
+    """A local folder, Hub repo id or CoreNet file: its config and tensors, nothing read yet."""
+    if config_yaml is not None:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: --config-yaml needs a CoreNet .pt file")
+        args, tensors, notes = read_corenet(path, Path(config_yaml).expanduser())
+        return Source(args, tensors, notes=notes)
+    path = hub.resolve(source, allow_patterns=HUB_PATTERNS)
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a file: pass the Hugging Face folder that holds it with config.json, "
+            "or give a CoreNet checkpoint's training YAML with --config-yaml"
+        )
+    config = read_hf_config(path)
+    try:
+        args = ModelArgs.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    tokenizer = path / "tokenizer.model"
+    return Source(args, read_hf_weights(path), tokenizer if tokenizer.is_file() else None)
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "float16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    config_yaml: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """Convert a PyTorch OpenELM checkpoint into an MLX model folder (loads here and in mlx-lm).
+
+    Every tensor is checked against the config (names, shapes) before anything is written; a
+    failure leaves no output folder. torch is not needed.
+
+    Args:
+        source: a Hugging Face folder (config.json + model.safetensors, sharded safetensors with
+            an index, or pytorch_model.bin), a Hub repo id, or a CoreNet `.pt` (with config_yaml).
+        out: the output folder; it must not exist (or be empty).
+        dtype: float32, float16 or bfloat16.
+        quantize: quantise the linear layers and the embedding (affine, as mlx-lm does).
+        q_bits: bits per weight when quantising.
+        q_group_size: quantisation group size (32, 64 or 128).
+        config_yaml: the CoreNet training YAML of a CoreNet checkpoint.
+        tokenizer: a SentencePiece model to copy in as tokenizer.model (default: the source
+            folder's own tokenizer.model, if any).
+
+    Returns:
+        The output folder.
+    """
+    target = _check_options(dtype, quantize, q_bits, q_group_size)
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists: delete it or choose another output path")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"No tokenizer file at {tokenizer}")
+
+    src = read_source(source, config_yaml)
+    args, tensors = src.args, src.tensors
+    validate(tensors, args, str(source))
+    for note in src.notes:
+        _log(note)
+    src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
+    nbytes = sum(t.nbytes for t in tensors.values())
+    _log(f"read {len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
+    if target == mx.float16 and args.model_dim >= 3072:
+        _log("note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)")
+
+    weights = {}
+    for name, ref in tensors.items():  # one tensor at a time: peak memory ~ the output
+        w = ref.load().astype(target)
+        mx.eval(w)
+        weights[name] = w
+    n_params = sum(w.size for w in weights.values())
+    model = Model(args)
+    model.load_weights(list(weights.items()))
+    del weights
+    _log(
+        f"OpenELM {args.num_transformer_layers} layers, model_dim {args.model_dim}: "
+        f"{n_params / 1e6:,.2f} M parameters, {dtype}"
+    )
+
+    quantization = None
+    if quantize:
+        from mlx_lm.utils import quantize_model
+
+        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits-per-weight line
+            model, qconfig = quantize_model(model, {}, q_group_size, q_bits)
+        quantization = qconfig["quantization"]
+
+    with atomic_folder(out) as tmp:
+        save_model(tmp, model, args, quantization=quantization)
+        tok = Path(tokenizer) if tokenizer is not None else src.tokenizer
+        if tok is not None:
+            shutil.copyfile(tok, tmp / "tokenizer.model")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    _log(f"wrote {out} ({_mb(size)}{f', {q_bits}-bit' if quantize else ''})")
+    return out
