@@ -22,6 +22,7 @@ from mlx_lm.utils import save_model as _mlx_lm_save_model
 from . import hub
 from .config import ModelArgs
 from .model import Model
+from .tokenizer import load_tokenizer
 
 
 @contextlib.contextmanager
@@ -71,6 +72,7 @@ def load(
     *,
     naive_rms_norm: bool = False,
     lazy: bool = False,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Model, Any, ModelArgs]:
     """Load an MLX OpenELM folder (ours or mlx-community's), local or a Hub repo id.
 
@@ -78,6 +80,7 @@ def load(
         path: the folder, or `owner/name` on the Hub (huggingface-hub's cache is used).
         naive_rms_norm: build the unfused RMSNorm of the paper (for benchmarks).
         lazy: leave the weights memory-mapped until first use.
+        adapter_path: a LoRA/DoRA adapter folder (`mlx-openelm lora`) to apply.
 
     Returns:
         (model, tokenizer, config); tokenizer is None when the folder has none.
@@ -99,5 +102,9 @@ def load(
         )
     except ValueError as e:
         raise ValueError(f"{folder}: weights do not match config.json: {e}") from None
+    if adapter_path is not None:
+        from .train.lora import load_adapters  # the training package imports this module
+
+        load_adapters(model, adapter_path)
     model.eval()
-    return model, None, args
+    return model, load_tokenizer(folder), args

@@ -1,0 +1,202 @@
+r"""`mlx-openelm chat`: a REPL for the OpenELM Instruct models.
+
+The Instruct models were DPO-tuned with Hugging Face's alignment-handbook (CoreNet's
+`projects/openelm/instruction_tuning/openelm-instruct.yaml`) using Zephyr's chat template, which
+renders plain text `<|system|>\n{system}</s>\n<|user|>\n{message}</s>\n<|assistant|>\n{reply}</s>\n`
+with `eos_token` spelled `</s>`; HF's Llama tokenizer then reads each `</s>` as the EOS id 2.
+SentencePiece alone spells `</s>` out as plain characters (with the test model: `▁`, `<0x3C>`,
+`<0x2F>`, `s`, `<0x3E>`), which the model never saw there. So turns are encoded with
+`special=True`: each `</s>` becomes id 2 and the text after it gets its own leading `▁`, exactly
+as transformers' tokenizer does (tests/test_tokenizer.py checks this). The model ends its replies
+with that same EOS.
+
+Each turn keeps the KV cache of the conversation so far and prefills only the new turn's tokens.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from .generate import (
+    DEFAULT_REPETITION_PENALTY,
+    GenerationResponse,
+    load_for_generation,
+    make_sampling,
+    stream_generate,
+)
+from .tokenizer import Tokenizer
+
+PROMPT = ">>> "
+HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
+
+
+def format_turn(message: str, system: str | None = None, first: bool = True) -> str:
+    """The text of one user turn up to the start of the reply (the `</s>` are EOS ids)."""
+    turn = f"<|user|>\n{message}</s>\n<|assistant|>\n"
+    if not first:
+        return "\n" + turn  # right after the previous reply's `</s>`
+    return f"<|system|>\n{system}</s>\n{turn}" if system else turn
+
+
+class ChatSession:
+    """A conversation with one KV cache: each turn prefills only its own new tokens."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        system: str | None = None,
+        max_tokens: int = 512,
+        **kwargs: Any,
+    ):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.max_tokens = max_tokens
+        self.kwargs = kwargs  # sampler, logits_processors for generate_step
+        self.context = model.args.max_context_length
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.model)
+        self.last_token: int | None = None  # the last token in the cache (None: empty)
+
+    @property
+    def cached(self) -> int:
+        return self.cache[0].offset
+
+    def turn_ids(self, message: str) -> list[int]:
+        """The new tokens to prefill for `message`, given what the cache already holds."""
+        first = self.last_token is None
+        text = format_turn(message, self.system, first)
+        if not first and self.last_token not in self.tokenizer.eos_token_ids:
+            text = "</s>" + text  # close a reply cut short (length limit or Ctrl-C)
+        return self.tokenizer.encode(text, add_bos=first, special=True)
+
+    def reply(self, message: str) -> Generator[GenerationResponse, None, None]:
+        """Stream the reply to `message`; stopping early (closing the generator) is fine."""
+        ids = self.turn_ids(message)
+        room = self.context - self.cached - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"The conversation ({self.cached} tokens) and this message ({len(ids)} tokens) "
+                f"outgrow the context window of {self.context} tokens: /reset to start over"
+            )
+        for r in stream_generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            max_tokens=min(self.max_tokens, room),
+            trim_space=True,
+            prompt_cache=self.cache,
+            **self.kwargs,
+        ):
+            self.last_token = r.token
+            yield r
+
+
+class _StopFlag:
+    """Turns Ctrl-C into a flag while a reply streams, so the loop stops between tokens."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __enter__(self) -> _StopFlag:
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _status(session: ChatSession, reused: int, last: GenerationResponse, reason: str) -> str:
+    return (
+        f"[prefill {last.prompt_tokens} new tokens ({reused} cached), "
+        f"{last.prompt_tps:.1f} tokens/s | reply {last.generation_tokens} tokens, "
+        f"{last.generation_tps:.1f} tokens/s | context {session.cached}/{session.context} | "
+        f"{reason}]"
+    )
+
+
+def chat_turn(session: ChatSession, message: str) -> None:
+    """Stream one reply to stdout and a status line to stderr; Ctrl-C ends the reply early."""
+    reused, last = session.cached, None
+    with _StopFlag() as stop:
+        for last in session.reply(message):
+            print(last.text, end="", flush=True)
+            if stop.set:
+                break
+    print()
+    if last is None:
+        return
+    reason = {"stop": "end of reply", "length": "length limit"}.get(last.finish_reason, "")
+    reason = "interrupted" if stop.set and last.finish_reason is None else reason
+    print(_status(session, reused, last, reason), file=sys.stderr, flush=True)
+
+
+def run(
+    model: str,
+    *,
+    system: str | None = None,
+    max_tokens: int = 512,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+    seed: int | None = None,
+) -> None:
+    """`mlx-openelm chat`: read messages from the terminal, stream the replies."""
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+    make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
+    m, tokenizer = load_for_generation(model)
+    sampler, processors = make_sampling(
+        temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
+    )
+    if seed is not None:
+        mx.random.seed(seed)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    session = ChatSession(
+        m, tokenizer, system=system, max_tokens=max_tokens, sampler=sampler,
+        logits_processors=processors,
+    )  # fmt: skip
+    print(f"Chatting with {Path(model).name}. {HELP}", file=sys.stderr, flush=True)
+    while True:
+        try:
+            message = input(PROMPT)
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+            continue
+        command = message.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            print("[new conversation]", file=sys.stderr, flush=True)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"Unknown command {command}. {HELP}", file=sys.stderr, flush=True)
+            continue
+        try:
+            chat_turn(session, message)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
