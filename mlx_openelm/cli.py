@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -34,15 +34,17 @@ def _run(fn: Callable[..., Any], **kwargs: Any) -> Any:
 def convert(
     source: Annotated[str, typer.Argument(help="HF folder, CoreNet .pt file, or Hub repo id")],
     out: Annotated[Path, typer.Argument(help="Output MLX model folder (must not exist)")],
-    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float16",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on a CPU), float32, float16, bfloat16")
+    ] = "auto",
     quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantise the weights")] = False,
-    q_bits: Annotated[int, typer.Option(help="Bits per weight when quantising (4 or 8)")] = 4,
+    q_bits: Annotated[int, typer.Option(help="Bits per weight when quantising (2-6 or 8)")] = 4,
     q_group_size: Annotated[int, typer.Option(help="Quantisation group size (32, 64, 128)")] = 64,
     config_yaml: Annotated[
-        Optional[Path], typer.Option(help="CoreNet training YAML (for a CoreNet .pt)")
+        Path | None, typer.Option(help="CoreNet training YAML (for a CoreNet .pt)")
     ] = None,
     tokenizer: Annotated[
-        Optional[Path], typer.Option(help="SentencePiece tokenizer.model to copy in")
+        Path | None, typer.Option(help="SentencePiece tokenizer.model to copy in")
     ] = None,
 ) -> None:
     """Convert a PyTorch OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
@@ -63,14 +65,236 @@ def convert(
 
 @app.command()
 def info(
-    model: Annotated[Optional[str], typer.Option(help="MLX model folder or Hub repo id")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="270M, 450M, 1_1B or 3B")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="A config.json of your own design")] = None,
+    model: Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id")] = None,
+    preset: Annotated[str | None, typer.Option(help="270M, 450M, 1_1B or 3B")] = None,
+    config: Annotated[Path | None, typer.Option(help="A config.json of your own design")] = None,
 ) -> None:
     """Show a model's layer-wise shape: heads and FFN width per layer, and parameter count."""
     from .summary import describe
 
     _run(describe, model=model, preset=preset, config=config)
+
+
+# Sampling options shared by `generate` and `chat` (mlx-lm's samplers).
+MaxTokens = Annotated[int, typer.Option(help="Most tokens to generate (per reply in chat)")]
+Temp = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1]; 1 is off")]
+TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens; 0 is off")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min-p x the top token's; 0 is off")]
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option(help="Penalty on the last 20 tokens (OpenELM's model cards use 1.2); 1 is off"),
+]
+Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling")]
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="MLX model folder or Hub repo id, with tokenizer")],
+    prompt: Annotated[str, typer.Option(help="Text to continue (BOS is prepended)")],
+    max_tokens: MaxTokens = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.2,
+    seed: Seed = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable")
+    ] = None,
+) -> None:
+    """Continue a prompt; the speed report (tokens/s, peak memory) goes to stderr."""
+    from .generate import run
+
+    _run(
+        run, model=model, prompt=prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
+        top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        stop=stop or [],
+    )  # fmt: skip
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="MLX Instruct model folder or Hub repo id")],
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    max_tokens: MaxTokens = 512,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.2,
+    seed: Seed = None,
+) -> None:
+    """Chat with an OpenELM Instruct model (/reset, /exit; Ctrl-C stops a reply)."""
+    from .chat import run
+
+    _run(
+        run, model=model, system=system, max_tokens=max_tokens, temp=temp, top_p=top_p,
+        top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+
+
+@app.command()
+def lora(
+    model: Annotated[str, typer.Option(help="Base MLX model folder (quantised: QLoRA) or Hub id")],
+    data: Annotated[Path, typer.Option(help="Folder with train.jsonl and valid.jsonl")],
+    adapter_path: Annotated[Path, typer.Option(help="Output folder for the adapters")],
+    dora: Annotated[bool, typer.Option("--dora", help="DoRA instead of LoRA")] = False,
+    rank: Annotated[int, typer.Option(help="Rank of the low-rank update")] = 32,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha; the update is scaled alpha/rank")] = 32,
+    dropout: Annotated[float, typer.Option(help="Dropout on the adapter input")] = 0.1,
+    targets: Annotated[
+        str, typer.Option(help="Comma-separated layers to adapt (also: lm_head when untied)")
+    ] = "token_embeddings,qkv_proj,out_proj,proj_1,proj_2",
+    num_layers: Annotated[int | None, typer.Option(help="Adapt only the last N blocks")] = None,
+    iters: Annotated[int, typer.Option(help="Optimizer steps")] = 1000,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (sets iters)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-step, all ranks")] = 4,
+    grad_accumulation_steps: Annotated[int, typer.Option(help="Micro-steps per update")] = 1,
+    max_seq_length: Annotated[int, typer.Option(help="Longer examples are cut")] = 2048,
+    learning_rate: Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")] = 3e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine to 10%")] = 100,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: off)")] = 1.0,
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for adapter init, data order, dropout")] = 0,
+    steps_per_report: Annotated[int, typer.Option(help="Log train loss every N steps")] = 10,
+    steps_per_eval: Annotated[int, typer.Option(help="Validate every N steps (0: never)")] = 200,
+    val_batches: Annotated[int, typer.Option(help="Validation batches (-1: all)")] = 25,
+    steps_per_save: Annotated[int, typer.Option(help="Checkpoint every N steps")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue adapter-path's run")] = False,
+) -> None:
+    """Fine-tune LoRA/DoRA adapters with the paper's recipe (Ctrl-C saves; --resume continues)."""
+    from .train.lora import lora as train_lora
+
+    _run(
+        train_lora, model=model, data=data, adapter_path=adapter_path, dora=dora, rank=rank,
+        alpha=alpha, dropout=dropout, targets=[t.strip() for t in targets.split(",") if t.strip()],
+        num_layers=num_layers, epochs=epochs, resume=resume, iters=iters, batch_size=batch_size,
+        grad_accumulation_steps=grad_accumulation_steps, max_seq_length=max_seq_length,
+        learning_rate=learning_rate, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+        weight_decay=weight_decay, grad_clip=grad_clip, grad_checkpoint=grad_checkpoint,
+        seed=seed, steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
+        val_batches=val_batches, steps_per_save=steps_per_save,
+    )  # fmt: skip
+
+
+@app.command()
+def fuse(
+    model: Annotated[str, typer.Option(help="Base MLX model folder the adapters were trained on")],
+    adapter_path: Annotated[Path, typer.Option(help="Adapter folder from `mlx-openelm lora`")],
+    out: Annotated[Path, typer.Option(help="Output MLX model folder (must not exist)")],
+    dequantize: Annotated[
+        bool, typer.Option("--dequantize", help="Write float weights from a quantised base")
+    ] = False,
+    export_hf: Annotated[
+        Path | None, typer.Option(help="Also write a Hugging Face OpenELM folder here")
+    ] = None,
+    hf_dtype: Annotated[
+        str | None, typer.Option(help="float32, float16 or bfloat16 for --export-hf")
+    ] = None,
+) -> None:
+    """Merge adapters into the base model: a new MLX folder, and optionally a Hugging Face one."""
+    from .train.lora import fuse as fuse_adapters
+
+    _run(
+        fuse_adapters, model=model, adapter_path=adapter_path, out=out, dequantize=dequantize,
+        export_hf_path=export_hf, hf_dtype=hf_dtype,
+    )  # fmt: skip
+
+
+@app.command("eval")
+def eval_tasks(
+    model: Annotated[str, typer.Option(help="MLX model folder or Hub repo id, with tokenizer")],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated lm-eval tasks; hellaswag_local runs offline")
+    ],
+    adapter_path: Annotated[
+        Path | None, typer.Option(help="LoRA/DoRA adapter folder to apply")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N items per task")] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Examples per prompt (0: zero-shot)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass")] = 16,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+) -> None:
+    """Zero-/few-shot accuracy with lm-evaluation-harness (pip install 'mlx-openelm[eval]')."""
+    from .eval.harness import evaluate
+
+    _run(
+        evaluate, model=model, tasks=tasks, adapter_path=adapter_path, limit=limit,
+        num_fewshot=num_fewshot, batch_size=batch_size, output=output,
+    )  # fmt: skip
+
+
+@app.command()
+def perplexity(
+    model: Annotated[str, typer.Option(help="MLX model folder or Hub repo id, with tokenizer")],
+    data: Annotated[Path, typer.Option(help="Text file, .jsonl ('text' per line) or a folder")],
+    context: Annotated[
+        int | None, typer.Option(help="Tokens per window (default: the model's)")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="New tokens scored per window (default: the context)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass")] = 8,
+    adapter_path: Annotated[
+        Path | None, typer.Option(help="LoRA/DoRA adapter folder to apply")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
+) -> None:
+    """Token-level perplexity of text with a sliding window (as lm-eval's loglikelihood_rolling)."""
+    from .eval.perplexity import perplexity as run_perplexity
+
+    _run(
+        run_perplexity, model=model, data=data, context=context, stride=stride,
+        batch_size=batch_size, adapter_path=adapter_path, output=output,
+    )  # fmt: skip
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option(help="MLX model folder or Hub repo id")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Random weights of a released shape: 270M, 450M, 1_1B, 3B")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Random weights of the shape in this config.json")
+    ] = None,
+    prompt_tokens: Annotated[str, typer.Option(help="Prompt lengths, comma-separated")] = (
+        "128,512,1024"
+    ),
+    gen_tokens: Annotated[int, typer.Option(help="Tokens generated per run")] = 128,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantise MLX rows")] = False,
+    q_bits: Annotated[int, typer.Option(help="Bits per weight when quantising")] = 4,
+    reference: Annotated[str, typer.Option(help="torch (the PyTorch reference) or none")] = "torch",
+    reference_device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    reference_model: Annotated[
+        str | None, typer.Option(help="Hugging Face folder for the reference (default: --model's)")
+    ] = None,
+    mlx_lm: Annotated[bool, typer.Option("--mlx-lm/--no-mlx-lm", help="Add mlx-lm's row")] = True,
+    study: Annotated[
+        bool, typer.Option("--study", help="Add naive-RMSNorm and uniform-width rows")
+    ] = False,
+    trials: Annotated[int, typer.Option(help="Timed runs per row (the median is reported)")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of tok/s here")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+) -> None:
+    """Prefill and decode speed: mlx-openelm against mlx-lm and the PyTorch reference (Table 7)."""
+    from .bench.runner import bench as run_bench
+
+    _run(
+        run_bench, model=model, preset=preset, config=config, prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens, dtype=dtype, q_bits=q_bits if quantize else None,
+        reference=reference, reference_device=reference_device, reference_model=reference_model,
+        mlx_lm=mlx_lm, study=study, trials=trials, json_path=json_out, plot_path=plot, seed=seed,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx_openelm  # isort: skip  (first: it loads a fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -30,6 +31,7 @@ from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
 from mlx_openelm.config import ModelArgs, preset
+from mlx_openelm.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch", reason="tests write their source checkpoints with torch")
 from safetensors.torch import save_file  # noqa: E402
@@ -82,8 +84,7 @@ def state(args) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer_model(tmp_path_factory) -> Path:
+def train_spm(path: Path, vocab_size: int) -> Path:
     import sentencepiece as spm
 
     text = (Path(__file__).parent / "data" / "persuasion.txt").read_text()[:40000]
@@ -91,13 +92,17 @@ def tokenizer_model(tmp_path_factory) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([s for s in text.splitlines() if s.strip()]),
         model_writer=buf,
-        vocab_size=300,
+        vocab_size=vocab_size,
         model_type="bpe",
         minloglevel=2,
     )
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(buf.getvalue())
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory) -> Path:
+    return train_spm(tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=300)
 
 
 def write_config(folder: Path, args: ModelArgs, **extra) -> None:
@@ -233,20 +238,39 @@ def fp32_folder(tmp_path_factory, state, args, tokenizer_model) -> Path:
 def test_hf_safetensors_fp32(fp32_folder, state, args, tokenizer_model):
     assert_exact(loaded_weights(fp32_folder), state)
     assert ModelArgs.from_file(fp32_folder / "config.json") == args
-    # The source folder's tokenizer comes along.
+    # The source folder's tokenizer comes along, with the HF files mlx-lm needs to load it.
     assert (fp32_folder / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    assert (fp32_folder / "tokenizer_config.json").exists()
+    _, mlx_lm_tokenizer = mlx_lm.load(str(fp32_folder))
+    text = "Anne Elliot walked on."
+    assert mlx_lm_tokenizer.encode(text) == Tokenizer(tokenizer_model).encode(text)
 
 
-def test_hf_config_with_ranges_default_fp16(tmp_path, state, args):
+def test_tokenizer_larger_than_the_vocab_is_refused(tmp_path, state, args, tokenizer_model):
+    src = write_hf(tmp_path / "hf", state, args)
+    big = tmp_path / "big.model"
+    train_spm(big, vocab_size=args.vocab_size + 50)
+    result = run_convert(src, tmp_path / "mlx", "--tokenizer", big)
+    assert result.exit_code == 1 and "wrong tokenizer" in result.output
+    assert not (tmp_path / "mlx").exists()
+
+
+def test_hf_config_with_ranges_fp16(tmp_path, state, args):
     # A hand-written config.json: 2-element ranges instead of the expanded per-layer lists.
     src = write_hf(tmp_path / "hf", state, args)
     config = {"model_type": "openelm", **TINY, "qkv_multipliers": [0.5, 1.0]}
     (src / "config.json").write_text(json.dumps({**config, "ffn_multipliers": [0.5, 4.0]}))
-    convert_ok(src, tmp_path / "mlx")  # the default dtype: float16
+    convert_ok(src, tmp_path / "mlx", "--dtype", "float16")
     assert ModelArgs.from_file(tmp_path / "mlx" / "config.json") == args
     weights = loaded_weights(tmp_path / "mlx")
     assert {w.dtype for w in weights.values()} == {mx.float16}
     assert_exact(weights, {k: v.half() for k, v in state.items()})
+
+
+def test_default_dtype_is_float32_on_a_cpu(tmp_path, state, args):
+    convert_ok(write_hf(tmp_path / "hf", state, args), tmp_path / "mlx")
+    expected = mx.bfloat16 if mx.metal.is_available() or mx.cuda.is_available() else mx.float32
+    assert {w.dtype for w in loaded_weights(tmp_path / "mlx").values()} == {expected}
 
 
 def test_hf_sharded_bf16(tmp_path, state, args):
