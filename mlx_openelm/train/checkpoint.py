@@ -1,0 +1,103 @@
+"""Training checkpoints: trainable weights, optimizer state and step, one folder per save.
+
+A resumed run ends bit for bit where an uninterrupted one would: data order and dropout noise are
+functions of the seed and the step, so they need no saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..loading import atomic_folder
+
+CHECKPOINTS = "checkpoints"
+# Arguments a resumed run must share with the run it continues (they fix data order and schedule).
+RESUME_FIXED = (
+    "batch_size",
+    "iters",
+    "grad_accumulation_steps",
+    "learning_rate",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "adam_betas",
+    "seed",
+    "max_seq_length",
+)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder (`checkpoints/step_NNNNNNN`), or None."""
+    folders = sorted(Path(out_dir, CHECKPOINTS).glob("step_*"))
+    complete = [f for f in folders if (f / "state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(
+    out_dir: Path,
+    weights_file: str,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Trainable weights + optimizer state + step, as one atomically renamed folder."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    folder = out_dir / CHECKPOINTS / f"step_{meta['step']:07d}"
+    with atomic_folder(folder, overwrite=True) as tmp:
+        mx.save_safetensors(str(tmp / weights_file), weights)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # The latest weights also sit at the top, where users (and `load`) look for them.
+    _atomic_write(out_dir / weights_file, lambda p: shutil.copyfile(folder / weights_file, p))
+    for old in sorted((out_dir / CHECKPOINTS).glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(
+    folder: Path, weights_file: str, model: nn.Module, optimizer: optim.Optimizer
+) -> dict[str, Any]:
+    """Restore the weights and optimizer state saved by `save_checkpoint`."""
+    weights = mx.load(str(folder / weights_file))
+    expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    if set(weights) != expected:
+        raise ValueError(
+            f"{folder / weights_file} does not match the model's trainable parameters "
+            f"({len(set(weights) ^ expected)} names differ): resume with the same model and options"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    optimizer.init(model.trainable_parameters())
+    mx.eval(model.state, optimizer.state)
+    return json.loads((folder / "state.json").read_text())
+
+
+def check_resume_args(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume with options that change the data order or the schedule."""
+    diff = [
+        f"{k} {saved[k]!r} -> {now[k]!r}"
+        for k in RESUME_FIXED
+        if k in saved and list(np.atleast_1d(saved[k])) != list(np.atleast_1d(now[k]))
+    ]
+    if diff:
+        raise ValueError(
+            "--resume needs the options of the run it continues; changed: " + ", ".join(diff)
+        )

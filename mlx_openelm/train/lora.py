@@ -1,0 +1,323 @@
+"""LoRA and DoRA fine-tuning with the paper's recipe, on mlx-lm's adapter layers.
+
+OpenELM's fused `qkv_proj` and `proj_1` are plain linear layers here. The adapter folder
+(`adapters.safetensors` + `adapter_config.json`) uses mlx-lm's layout and names, so mlx-lm's own
+`openelm` model loads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import dequantize_model
+
+from .. import hub
+from ..loading import atomic_folder, load, save_model
+from ..tokenizer import require_tokenizer, write_tokenizer_files
+from .checkpoint import latest_checkpoint
+from .data import TokenizerLike, load_data_folder, tokenize
+from .export import export_hf
+from .trainer import TrainingArgs, train
+
+ADAPTERS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_TARGETS = ("token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2")
+# Our target names -> mlx-lm keys: relative to a block, or to the model for the embeddings/head.
+TARGET_KEYS = {
+    "token_embeddings": "transformer.token_embeddings",
+    "qkv_proj": "attn.qkv_proj",
+    "out_proj": "attn.out_proj",
+    "proj_1": "ffn.proj_1",
+    "proj_2": "ffn.proj_2",
+    "lm_head": "lm_head",
+}
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+
+
+class QuantizedDoRAEmbedding(DoRAEmbedding):
+    """DoRA on a quantised embedding (QLoRA): mlx-lm's DoRAEmbedding reads the packed weight."""
+
+    @staticmethod
+    def from_base(
+        embedding: nn.QuantizedEmbedding, r: int = 8, dropout: float = 0.0, scale: float = 20.0
+    ) -> QuantizedDoRAEmbedding:
+        num, packed = embedding.weight.shape
+        layer = QuantizedDoRAEmbedding(num, packed * 32 // embedding.bits, r, dropout, scale)
+        layer.set_embedding(embedding)
+        return layer
+
+    def _weight(self) -> mx.array:
+        e = self.embedding
+        if not isinstance(e, nn.QuantizedEmbedding):
+            return e.weight
+        return mx.dequantize(e.weight, e.scales, e.biases, e.group_size, e.bits, mode=e.mode)
+
+    def set_embedding(self, embedding: nn.Module) -> None:
+        self.embedding = embedding
+        self.m = mx.linalg.norm(self._weight().astype(mx.float32), axis=1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = self.embedding.as_linear(x)
+        z = (self.dropout(x) @ self.lora_b.T) @ self.lora_a.T
+        out = y + (self.scale * z).astype(x.dtype)
+        adapted = self._weight() + (self.scale * self.lora_a) @ self.lora_b
+        denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
+        return (self.m / denom).astype(x.dtype) * out
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        weight = self._weight()
+        weight = weight + (self.scale * self.lora_a @ self.lora_b).astype(weight.dtype)
+        fused = nn.Embedding(*weight.shape)
+        fused.weight = ((self.m / mx.linalg.norm(weight, axis=1))[:, None] * weight).astype(
+            weight.dtype
+        )
+        e = self.embedding
+        if isinstance(e, nn.QuantizedEmbedding) and not dequantize:
+            return nn.QuantizedEmbedding.from_embedding(fused, e.group_size, e.bits, mode=e.mode)
+        return fused
+
+
+def adapter_config(
+    num_layers: int,
+    *,
+    dora: bool = False,
+    rank: int = 32,
+    alpha: float = 32.0,
+    dropout: float = 0.1,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+) -> dict[str, Any]:
+    """The `adapter_config.json` dict, in mlx-lm's format (plus our `alpha` and `targets`).
+
+    mlx-lm scales the low-rank update by `scale` directly; LoRA papers use alpha / rank.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(
+            f"need rank >= 1, alpha > 0 and 0 <= dropout < 1; got {rank}, {alpha}, {dropout}"
+        )
+    unknown = [t for t in targets if t not in TARGET_KEYS]
+    if unknown or not targets:
+        raise ValueError(
+            f"unknown LoRA targets {unknown or '(none)'}: choose from {', '.join(TARGET_KEYS)}"
+        )
+    return {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {
+            "rank": rank,
+            "scale": alpha / rank,
+            "dropout": dropout,
+            "keys": [TARGET_KEYS[t] for t in targets],
+        },
+        "alpha": alpha,
+        "targets": list(targets),
+    }
+
+
+def apply_lora(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """Freeze `model` (base weights and norms) and wrap its target layers in LoRA/DoRA layers."""
+    model.freeze()
+    params = config["lora_parameters"]
+    dora = config.get("fine_tune_type", "lora") == "dora"
+    keys = params.get("keys")  # None (mlx-lm's default): every linear layer in the blocks
+    if keys is not None:
+        keys = list(keys)
+        if "lm_head" in keys and "lm_head" not in model:
+            raise ValueError("lm_head is not a target here: this model ties it to token_embeddings")
+        emb, emb_key = model.transformer.token_embeddings, TARGET_KEYS["token_embeddings"]
+        if dora and isinstance(emb, nn.QuantizedEmbedding) and emb_key in keys:
+            keys.remove(emb_key)
+            model.transformer.token_embeddings = QuantizedDoRAEmbedding.from_base(
+                emb, r=params["rank"], dropout=params["dropout"], scale=params["scale"]
+            )
+    linear_to_lora_layers(model, config["num_layers"], {**params, "keys": keys}, use_dora=dora)
+    return model
+
+
+def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
+    """Apply the adapters in `adapter_path` (`adapter_config.json` + `adapters.safetensors`)."""
+    adapter_path = Path(adapter_path)
+    for name in (ADAPTER_CONFIG, ADAPTERS):
+        if not (adapter_path / name).is_file():
+            raise FileNotFoundError(f"{adapter_path} has no {name}: is it an adapter folder?")
+    config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
+        raise ValueError(f"{adapter_path}: only LoRA and DoRA adapters are supported")
+    apply_lora(model, config)
+    weights = mx.load(str(adapter_path / ADAPTERS))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, w in weights.items() if k not in expected or w.shape != expected[k].shape]
+    missing = [k for k in expected if k not in weights]
+    if bad or missing:
+        raise ValueError(
+            f"{adapter_path / ADAPTERS} does not fit this model: "
+            f"{len(bad)} unexpected or misshapen tensors (e.g. {(bad + missing)[0]}), "
+            f"{len(missing)} missing; was it trained on another base model?"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    return model
+
+
+def fuse_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge every adapter layer into a plain (or, from a quantised base, re-quantised) layer."""
+    fused = [
+        (n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")
+    ]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        model = dequantize_model(model)
+    return model
+
+
+def lora(
+    model: str | Path,
+    data: str | Path,
+    adapter_path: str | Path,
+    *,
+    dora: bool = False,
+    rank: int = 32,
+    alpha: float = 32.0,
+    dropout: float = 0.1,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    num_layers: int | None = None,
+    epochs: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    tokenizer: TokenizerLike | None = None,
+    **training: Any,
+) -> dict[str, Any]:
+    """Fine-tune adapters on `data` (`train.jsonl`, `valid.jsonl`) and save them in `adapter_path`.
+
+    Args:
+        model: an MLX model folder (quantised works: QLoRA) or Hub repo id.
+        data: the data folder.
+        adapter_path: the output folder; with `resume`, the run to continue.
+        dora: DoRA instead of LoRA.
+        rank, alpha, dropout: the low-rank update (the paper: 32, 32, 0.1).
+        targets: layers to adapt (the paper's five by default).
+        num_layers: adapt only the last N blocks (default all).
+        epochs: train this many passes over train.jsonl (sets `iters`).
+        resume: continue from the last checkpoint in `adapter_path`.
+        progress: show the live bar.
+        tokenizer: overrides the model folder's tokenizer.
+        training: `TrainingArgs` fields (iters, batch_size, learning_rate, ...).
+
+    Returns:
+        The last training figures (see `trainer.train`).
+    """
+    try:
+        args = TrainingArgs(**training)
+    except TypeError as e:
+        raise ValueError(f"unknown training option: {e}") from None
+    adapter_path = Path(adapter_path)
+    if resume and latest_checkpoint(adapter_path) is None:
+        raise FileNotFoundError(f"nothing to resume: {adapter_path} has no checkpoint")
+    if not resume and (adapter_path / ADAPTERS).exists():
+        raise FileExistsError(
+            f"{adapter_path} already holds adapters: pass --resume to continue, "
+            "or choose another --adapter-path"
+        )
+    # Validate every data line before loading the model or writing anything.
+    splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
+    base, model_tokenizer, model_args = load(model)
+    tokenizer = tokenizer or require_tokenizer(model_tokenizer, model)
+    train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length)
+    val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length)
+    if not train_set:
+        raise ValueError(f"{data}/train.jsonl has no example with a target left to learn")
+    if epochs is not None:
+        per_step = args.batch_size * args.grad_accumulation_steps
+        args = replace(args, iters=max(1, math.ceil(epochs * len(train_set) / per_step)))
+    notes = [f"{v} training examples {k}" for k, v in stats.items() if v]
+
+    n_layers = len(base.layers) if num_layers is None else num_layers
+    if n_layers > len(base.layers):
+        raise ValueError(f"num_layers {n_layers}: the model has only {len(base.layers)} blocks")
+    config = adapter_config(
+        n_layers, dora=dora, rank=rank, alpha=alpha, dropout=dropout, targets=targets
+    )
+    if resume and (adapter_path / ADAPTER_CONFIG).is_file():
+        saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+        if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
+            raise ValueError(
+                f"{adapter_path} was trained with other LoRA options "
+                f"({saved.get('fine_tune_type')}, rank {saved['lora_parameters']['rank']}, "
+                f"targets {saved.get('targets')}): resume with the same ones"
+            )
+    mx.random.seed(args.seed)  # the adapters' initial A matrices
+    apply_lora(base, config)
+    trainable = sum(v.size for _, v in tree_flatten(base.trainable_parameters()))
+    total = model_args.num_parameters()
+
+    if mx.distributed.init().rank() == 0:
+        print(
+            f"{config['fine_tune_type']}: {trainable / 1e6:.3f}M trainable parameters "
+            f"({100 * trainable / total:.2f}% of {total / 1e6:.1f}M); "
+            f"{len(train_set)} training, {len(val_set)} validation examples"
+            + "".join(f"; {note}" for note in notes)
+        )
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        record = {**config, "base_model": str(model), "training": asdict(args)}
+        (adapter_path / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    return train(
+        base,
+        train_set,
+        val_set,
+        adapter_path,
+        args,
+        weights_file=ADAPTERS,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def fuse(
+    model: str | Path,
+    adapter_path: str | Path,
+    out: str | Path,
+    *,
+    dequantize: bool = False,
+    export_hf_path: str | Path | None = None,
+    hf_dtype: str | None = None,
+) -> None:
+    """Merge adapters into their base model and write a new MLX model folder.
+
+    Args:
+        model: the base MLX model folder (or Hub repo id) the adapters were trained on.
+        adapter_path: the adapter folder.
+        out: the fused MLX model folder (must not exist).
+        dequantize: write a float model even when the base is quantised.
+        export_hf_path: also write a Hugging Face OpenELM folder here (dequantised).
+        hf_dtype: float32, float16 or bfloat16 for that export (default: the fused weights' type).
+    """
+    for path in (out, export_hf_path):
+        if path is not None and Path(path).exists() and any(Path(path).iterdir()):
+            raise FileExistsError(f"{path} already exists: delete it or choose another path")
+    folder = hub.resolve(model, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    base, _, model_args = load(folder, adapter_path=adapter_path)
+    quantization = None
+    if not dequantize:
+        quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+    fused = fuse_adapters(base, dequantize=dequantize)
+    tokenizer_file = folder / "tokenizer.model"
+    with atomic_folder(out) as tmp:
+        save_model(tmp, fused, model_args, quantization=quantization)
+        if tokenizer_file.is_file():
+            write_tokenizer_files(tmp, tokenizer_file, model_args.max_context_length)
+    if export_hf_path is not None:
+        if quantization:  # fuse into the float weights, not into re-quantised ones
+            fused = fuse_adapters(load(folder, adapter_path=adapter_path)[0], dequantize=True)
+        export_hf(fused, model_args, export_hf_path, dtype=hf_dtype, tokenizer_file=tokenizer_file)

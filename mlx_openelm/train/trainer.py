@@ -1,0 +1,361 @@
+"""The one training loop, shared by LoRA/DoRA fine-tuning and pretraining.
+
+A compiled step with gradient accumulation, AdamW with warm-up and cosine decay, gradient clipping,
+validation, checkpoints that resume bit for bit, Ctrl-C that saves, and data parallelism over
+`mx.distributed` (each rank takes its shard of every global batch; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_map
+
+from .checkpoint import check_resume_args, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Example, batch_indices, collate, eval_batches, num_input_tokens, shard
+from .remat import keyed_blocks
+from .report import MetricsLog, TrainProgress, plot_loss_curve
+
+METRICS = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+
+
+@dataclass
+class TrainingArgs:
+    batch_size: int = 4  # global: all ranks together, per micro-step
+    iters: int = 1000  # optimizer steps
+    grad_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100  # the paper warms up 1000 steps, over far longer runs
+    min_lr_ratio: float = 0.1  # cosine ends at 10% of the peak
+    weight_decay: float = 0.0  # the paper: 0 for LoRA, 0.1 for pretraining
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 turns clipping off
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    seed: int = 0
+    steps_per_report: int = 10
+    steps_per_eval: int = 200  # 0: never validate
+    val_batches: int = 25  # -1: the whole validation set
+    steps_per_save: int = 100
+    keep_checkpoints: int = 2  # numbered checkpoints kept besides the latest weights
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        for name in ("batch_size", "iters", "grad_accumulation_steps", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.iters:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below iters ({self.iters}): "
+                "lower the warm-up or train longer"
+            )
+        if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("learning_rate must be positive and min_lr_ratio in [0, 1]")
+        for name in ("steps_per_report", "steps_per_save", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def masked_loss(
+    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Cross-entropy SUMMED over the masked positions, and their count.
+
+    The step divides by the token count of the whole global batch, so the gradient is the same
+    whatever the split over micro-batches and ranks.
+    """
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    return ce.astype(mx.float32).sum(), mask.sum()
+
+
+def make_schedule(args: TrainingArgs) -> Callable[[mx.array], mx.array]:
+    """Linear warm-up to the peak (step 0 already learns), then cosine to `min_lr_ratio` of it."""
+    lr, w = args.learning_rate, args.warmup_steps
+    cosine = optim.cosine_decay(lr, max(args.iters - w - 1, 1), lr * args.min_lr_ratio)
+    if w == 0:
+        return cosine
+    warmup = optim.linear_schedule(lr / w, lr, max(w - 1, 1))
+    return optim.join_schedules([warmup, cosine], [w])
+
+
+def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
+    return optim.AdamW(
+        learning_rate=make_schedule(args),
+        betas=list(args.adam_betas),
+        weight_decay=args.weight_decay,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int,
+    num_batches: int = -1,
+    loss: Callable = masked_loss,
+    group: Any = None,
+) -> float:
+    """Mean loss per target token over (the first `num_batches` of) `examples`, all ranks summed."""
+    group = group or mx.distributed.init()
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in eval_batches(examples, batch_size, num_batches, group.rank(), group.size()):
+        inputs, targets, mask = map(mx.array, collate(batch))
+        s, n = loss(model, inputs, targets, mask)
+        total, count = total + s, count + n
+        mx.eval(total, count)
+    if group.size() > 1:
+        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
+    model.train(was_training)
+    return (total / mx.maximum(count, 1)).item()
+
+
+# ---- the loop
+
+
+class _StopRequest:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one quits."""
+
+    def __init__(self, console: TrainProgress):
+        self.requested = False
+        self._console = console
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._console.print("stopping after this step to save (Ctrl-C again to quit unsaved)")
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _micro_seed(seed: int, micro_step: int, rank: int) -> int:
+    # Dropout noise is a function of (seed, micro-step, rank): a resumed run needs no RNG state.
+    return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, np.uint64)[0])
+
+
+class _Window:
+    """Loss, tokens and time since the last report."""
+
+    def __init__(self) -> None:
+        self.loss, self.targets, self.local_targets = mx.array(0.0), 0.0, 0.0
+        self.tokens, self.last_tokens, self.time = 0, 0, 0.0
+
+    def add(self, loss: mx.array, targets: float, tokens: int) -> None:
+        self.loss, self.targets = self.loss + loss, self.targets + targets
+        self.tokens, self.last_tokens = self.tokens + tokens, tokens
+
+    def local_loss(self) -> float:
+        # This rank's mean, for the bar; reports use the all-reduced figure.
+        return self.loss.item() / self.local_targets if self.local_targets else float("nan")
+
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(self.time, 1e-9)
+
+
+def train(
+    model: nn.Module,
+    train_set: Sequence[Example],
+    val_set: Sequence[Example] | None,
+    out_dir: str | Path,
+    args: TrainingArgs | None = None,
+    *,
+    loss: Callable = masked_loss,
+    weights_file: str = "adapters.safetensors",
+    resume: bool = False,
+    on_save: Callable[[Path, int], None] | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model`'s trainable parameters on tokenised examples.
+
+    Args:
+        model: the model; frozen parameters stay as they are.
+        train_set: tokenised examples (`data.tokenize`), packed chunks for pretraining.
+        val_set: validation examples, or None.
+        out_dir: where checkpoints, the latest weights, `metrics.jsonl` and the loss curve go.
+        args: the `TrainingArgs`.
+        loss: `loss(model, inputs, targets, mask) -> (summed loss, target count)`.
+        weights_file: the name of the trainable weights inside `out_dir` and each checkpoint.
+        resume: continue from the newest checkpoint in `out_dir`, ending as an uninterrupted run.
+        on_save: called as `on_save(out_dir, step)` on rank 0 after each save.
+        on_step: called as `on_step(step, info)` after each optimizer step (tests, callbacks).
+        progress: show the live bar.
+
+    Returns:
+        The last figures: `step`, `train_loss`, `val_loss` (None when not validating),
+        `trained_tokens` and `tokens_per_sec`.
+    """
+    args = args or TrainingArgs()
+    out_dir = Path(out_dir)
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    if args.batch_size % world:
+        raise ValueError(
+            f"batch size {args.batch_size} is not divisible by the {world} processes: "
+            "choose a multiple of the world size"
+        )
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty")
+    if resume and latest_checkpoint(out_dir) is None:
+        raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint; drop --resume")
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise FileExistsError(
+            f"{out_dir} already holds a training run: pass --resume to continue it, "
+            "or choose another folder"
+        )
+    writer = rank == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
+
+    optimizer = make_optimizer(args)
+    optimizer.init(model.trainable_parameters())
+    meta: dict[str, Any] = {"step": 0, "trained_tokens": 0}
+    if resume:
+        meta = load_checkpoint(latest_checkpoint(out_dir), weights_file, model, optimizer)
+        check_resume_args(meta.get("args", {}), asdict(args))
+    start = meta["step"]
+    metrics = MetricsLog(out_dir / METRICS if writer else None, start if resume else None)
+    if not resume and writer:
+        (out_dir / METRICS).unlink(missing_ok=True)
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets, mask, acc_grad, scale, do_update):
+        (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
+        if acc_grad is not None:
+            grad = tree_map(mx.add, grad, acc_grad)
+        if not do_update:
+            return loss_sum, grad, None
+        # Mean over ranks of per-rank sums, times world / global token count: the global mean.
+        grad = tree_map(lambda g: g * scale, average_gradients(grad))
+        norm = mx.array(0.0)
+        if args.grad_clip > 0:
+            grad, norm = optim.clip_grad_norm(grad, args.grad_clip)
+        optimizer.update(model, grad)
+        return loss_sum, None, norm
+
+    def save(step_no: int) -> None:
+        meta.update(
+            step=step_no,
+            args=asdict(args),
+            world_size=world,
+        )
+        if writer:
+            save_checkpoint(out_dir, weights_file, model, optimizer, meta, args.keep_checkpoints)
+            if on_save is not None:
+                on_save(out_dir, step_no)
+
+    def run_eval(step_no: int) -> float:
+        val = evaluate(model, val_set, args.batch_size, args.val_batches, loss, group)
+        metrics.write({"step": step_no, "val_loss": val})
+        bar.print(f"step {step_no}: val loss {val:.3f}")
+        return val
+
+    accum, n = args.grad_accumulation_steps, len(train_set)
+    window = _Window()
+    last: dict[str, Any] = {"train_loss": float("nan"), "val_loss": None, "tokens_per_sec": 0.0}
+    if start >= args.iters:
+        if writer:
+            print(f"{out_dir} already finished its {args.iters} steps: nothing to resume")
+        return {"step": start, "trained_tokens": meta["trained_tokens"], **last}
+    model.train()
+    bar = TrainProgress(args.iters, start, enabled=progress and writer)
+    with bar, _StopRequest(bar) as stop, keyed_blocks(type(model.layers[0]), args.grad_checkpoint):
+        if validate and start == 0:
+            last["val_loss"] = run_eval(0)
+        for it in range(start, args.iters):
+            tic = time.perf_counter()
+            # Every rank knows the whole global batch, so each can count all its target tokens.
+            batches = [
+                batch_indices(n, args.batch_size, it * accum + m, args.seed) for m in range(accum)
+            ]
+            step_targets = float(sum(train_set[i][1][1:].sum() for b in batches for i in b))
+            scale = mx.array(world / max(step_targets, 1.0))
+            acc, step_loss = None, mx.array(0.0)
+            for m, global_idx in enumerate(batches):
+                local = [train_set[i] for i in shard(global_idx, rank, world)]
+                window.local_targets += sum(float(ex[1][1:].sum()) for ex in local)
+                inputs, targets, mask = map(mx.array, collate(local))
+                mx.random.seed(_micro_seed(args.seed, it * accum + m, rank))
+                loss_sum, acc, norm = step(inputs, targets, mask, acc, scale, m == accum - 1)
+                step_loss = step_loss + loss_sum
+                mx.eval(state, step_loss, acc)
+            window.add(
+                step_loss,
+                step_targets,
+                sum(num_input_tokens([train_set[i] for i in b]) for b in batches),
+            )
+            window.time += time.perf_counter() - tic
+            meta["trained_tokens"] += window.last_tokens
+            step_no = it + 1
+            lr = optimizer.learning_rate.item()
+            bar.update(
+                step_no, window.local_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
+            )
+            if step_no % args.steps_per_report == 0 or step_no == args.iters:
+                total = mx.distributed.all_sum(window.loss) if world > 1 else window.loss
+                last["train_loss"] = total.item() / max(window.targets, 1.0)
+                last["tokens_per_sec"] = window.tokens_per_sec()
+                metrics.write(
+                    {
+                        "step": step_no,
+                        "train_loss": last["train_loss"],
+                        "learning_rate": lr,
+                        "tokens_per_sec": last["tokens_per_sec"],
+                        "peak_memory_bytes": mx.get_peak_memory(),
+                        "grad_norm": norm.item(),
+                    }
+                )
+                bar.print(
+                    f"step {step_no}: train loss {last['train_loss']:.3f}, lr {lr:.2e}, "
+                    f"{last['tokens_per_sec']:,.0f} tok/s, peak {mx.get_peak_memory() / 1e9:.2f} GB"
+                )
+                window = _Window()
+            if validate and (step_no % args.steps_per_eval == 0 or step_no == args.iters):
+                last["val_loss"] = run_eval(step_no)
+            if on_step is not None:
+                on_step(
+                    step_no,
+                    {"loss": step_loss.item() / max(step_targets, 1.0), "learning_rate": lr},
+                )
+            stopping = stop.requested
+            if world > 1:  # stop together, or the others would wait forever in a collective
+                stopping = mx.distributed.all_sum(mx.array(int(stopping))).item() > 0
+            if step_no % args.steps_per_save == 0 or step_no == args.iters or stopping:
+                save(step_no)
+            if stopping:
+                bar.print(
+                    f"interrupted at step {step_no}: saved to {out_dir}; continue with --resume"
+                )
+                raise KeyboardInterrupt
+    if writer:
+        note = plot_loss_curve(out_dir / METRICS, out_dir / LOSS_CURVE)
+        if note:
+            bar.print(note)
+    return {"step": args.iters, "trained_tokens": meta["trained_tokens"], **last}
