@@ -155,12 +155,13 @@ def run(
     min_p: float = 0.0,
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     seed: int | None = None,
+    adapter_path: str | None = None,
 ) -> None:
     """`mlx-openelm chat`: read messages from the terminal, stream the replies."""
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
-    m, tokenizer = load_for_generation(model)
+    m, tokenizer = load_for_generation(model, adapter_path)
     sampler, processors = make_sampling(
         temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
     )

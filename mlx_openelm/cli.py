@@ -86,6 +86,9 @@ RepetitionPenalty = Annotated[
     typer.Option(help="Penalty on the last 20 tokens (OpenELM's model cards use 1.2); 1 is off"),
 ]
 Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling")]
+AdapterPath = Annotated[
+    str | None, typer.Option(help="LoRA/DoRA adapter folder from `mlx-openelm lora` to apply")
+]
 
 
 @app.command()
@@ -102,6 +105,7 @@ def generate(
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable")
     ] = None,
+    adapter_path: AdapterPath = None,
 ) -> None:
     """Continue a prompt; the speed report (tokens/s, peak memory) goes to stderr."""
     from .generate import run
@@ -109,7 +113,7 @@ def generate(
     _run(
         run, model=model, prompt=prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
         top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        stop=stop or [],
+        stop=stop or [], adapter_path=adapter_path,
     )  # fmt: skip
 
 
@@ -124,6 +128,7 @@ def chat(
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.2,
     seed: Seed = None,
+    adapter_path: AdapterPath = None,
 ) -> None:
     """Chat with an OpenELM Instruct model (/reset, /exit; Ctrl-C stops a reply)."""
     from .chat import run
@@ -131,6 +136,7 @@ def chat(
     _run(
         run, model=model, system=system, max_tokens=max_tokens, temp=temp, top_p=top_p,
         top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        adapter_path=adapter_path,
     )  # fmt: skip
 
 
@@ -222,7 +228,7 @@ def eval_tasks(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass")] = 16,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here")] = None,
 ) -> None:
-    """Zero-/few-shot accuracy with lm-evaluation-harness (pip install 'mlx-openelm[eval]')."""
+    """Zero-/few-shot accuracy with lm-evaluation-harness (needs the `eval` extra installed)."""
     from .eval.harness import evaluate
 
     _run(

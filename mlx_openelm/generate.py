@@ -282,11 +282,11 @@ def make_sampling(
     return sampler, make_logits_processors(repetition_penalty=penalty)
 
 
-def load_for_generation(path: str) -> tuple[nn.Module, Tokenizer]:
-    """`load` a folder and insist on a tokenizer whose ids fit the model's vocabulary."""
+def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.Module, Tokenizer]:
+    """`load` a folder (and adapters) and insist on a tokenizer whose ids fit the vocabulary."""
     from .loading import load
 
-    model, tokenizer, args = load(path)
+    model, tokenizer, args = load(path, adapter_path=adapter_path)
     tokenizer = require_tokenizer(tokenizer, path)
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(
@@ -308,6 +308,7 @@ def run(
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    adapter_path: str | None = None,
 ) -> GenerationResponse:
     """`mlx-openelm generate`: continue `prompt`, streaming to stdout; the report goes to stderr."""
     if not prompt:
@@ -315,7 +316,7 @@ def run(
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
-    m, tokenizer = load_for_generation(model)
+    m, tokenizer = load_for_generation(model, adapter_path)
     sampler, processors = make_sampling(
         temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
     )

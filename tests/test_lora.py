@@ -342,3 +342,21 @@ def test_bad_data_fails_early_and_writes_nothing(base_folder, tmp_path):
     (bad / "train.jsonl").write_text('{"text": "ok"}\n')
     (bad / "valid.jsonl").write_text("not json\n")
     assert f"{bad / 'valid.jsonl'}:1: not valid JSON" in run(bad)
+
+
+def test_generate_with_adapter_path_equals_the_fused_model(trained, base_folder, tmp_path):
+    fused = tmp_path / "fused"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["fuse", "--model", str(base_folder), "--adapter-path", str(trained),
+                             "--out", str(fused)])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    common = ["--prompt", "Anne was", "--max-tokens", "12", "--temp", "0"]
+
+    def text(*args: str) -> str:
+        result = runner.invoke(app, ["generate", *args, *common])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    with_adapters = text("--model", str(base_folder), "--adapter-path", str(trained))
+    assert with_adapters == text("--model", str(fused))
+    assert with_adapters != text("--model", str(base_folder))  # the adapters change the output
