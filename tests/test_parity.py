@@ -68,7 +68,7 @@ def prompt(vocab: int, n: int = 24, seed: int = 0) -> list[int]:
 def check(ref, folder, vocab) -> None:
     tokens = prompt(vocab)
     full, step = max_diffs(ref, folder, tokens)
-    print(f"{folder.name}: full {full:.2e}, cached {step:.2e}")
+    print(f"{folder.parent.name}: max abs logit diff, full {full:.2e}, cached {step:.2e}")
     assert full <= TOL and step <= TOL
 
 
@@ -123,5 +123,5 @@ def test_full_size_270m(tmp_path):
     ref = reference.OpenELM.from_pretrained(tmp_path / "hf")
     tokens = prompt(32000, n=12)
     full, step = max_diffs(ref, tmp_path / "mlx", tokens)
-    print(f"270M: full {full:.2e}, cached {step:.2e}")
+    print(f"full-size 270M: max abs logit diff, full {full:.2e}, cached {step:.2e}")
     assert full <= TOL and step <= TOL
