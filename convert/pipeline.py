@@ -92,6 +92,7 @@ def convert(
     q_group_size: int = 64,
     config_yaml: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a PyTorch OpenELM checkpoint into an MLX model folder (loads here and in mlx-lm).
 
@@ -101,7 +102,7 @@ def convert(
     Args:
         source: a Hugging Face folder (config.json + model.safetensors, sharded safetensors with
             an index, or pytorch_model.bin), a Hub repo id, or a CoreNet `.pt` (with config_yaml).
-        out: the output folder; it must not exist (or be empty).
+        out: the output folder; it must not exist (or be empty) unless `overwrite`.
         dtype: float32, float16, bfloat16, or auto (bfloat16 on a GPU, float32 on a CPU).
         quantize: quantise the linear layers and the embedding (affine, as mlx-lm does).
         q_bits: bits per weight when quantising.
@@ -109,6 +110,7 @@ def convert(
         config_yaml: the CoreNet training YAML of a CoreNet checkpoint.
         tokenizer: a SentencePiece model to copy in as tokenizer.model (default: the source
             folder's own tokenizer.model, if any).
+        overwrite: replace an existing output folder (only once the new one is complete).
 
     Returns:
         The output folder.
@@ -116,7 +118,7 @@ def convert(
     target = _check_options(dtype, quantize, q_bits, q_group_size)
     dtype = str(target).removeprefix("mlx.core.")
     out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
+    if not overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists: delete it or choose another output path")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"No tokenizer file at {tokenizer}")
@@ -160,7 +162,7 @@ def convert(
             model, qconfig = quantize_model(model, {}, q_group_size, q_bits)
         quantization = qconfig["quantization"]
 
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         save_model(tmp, model, args, quantization=quantization)
         if tok is not None:
             write_tokenizer_files(tmp, tok, args.max_context_length)

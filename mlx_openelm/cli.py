@@ -46,6 +46,9 @@ def convert(
     tokenizer: Annotated[
         Path | None, typer.Option(help="SentencePiece tokenizer.model to copy in")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists (once the new one is done)")
+    ] = False,
 ) -> None:
     """Convert a PyTorch OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
     from .convert import convert as convert_checkpoint
@@ -60,6 +63,7 @@ def convert(
         q_group_size=q_group_size,
         config_yaml=config_yaml,
         tokenizer=tokenizer,
+        overwrite=overwrite,
     )
 
 

@@ -554,3 +554,14 @@ def test_bad_input(tmp_path, state, args, make, monkeypatch):
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
     assert not list(tmp_path.glob(".out.*"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_overwrite_replaces_an_existing_folder_only_when_asked(tmp_path, state, args):
+    src = write_hf(tmp_path / "hf", state, args)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    assert run_convert(src, tmp_path / "out").exit_code == 1
+    assert (tmp_path / "out" / "old.txt").exists()
+    convert_ok(src, tmp_path / "out", "--overwrite")
+    assert not (tmp_path / "out" / "old.txt").exists()
+    assert_exact(loaded_weights(tmp_path / "out"), state)
