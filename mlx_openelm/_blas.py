@@ -28,7 +28,9 @@ CANDIDATES = {
         "libblis.so.4",
     ],
 }
-INSTALL_HINT = "apt-get install libopenblas0-pthread (Debian/Ubuntu) makes MLX's CPU matmuls ~30x faster"
+INSTALL_HINT = (
+    "apt-get install libopenblas0-pthread (Debian/Ubuntu) makes MLX's CPU matmuls ~30x faster"
+)
 
 # What was loaded, for reports: a library path, or None.
 loaded: str | None = None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,8 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.model_type != MODEL_TYPE:
             raise ValueError(
-                f"model_type is {self.model_type!r}, not {MODEL_TYPE!r}: this is not an OpenELM config"
+                f"model_type is {self.model_type!r}, not {MODEL_TYPE!r}: "
+                "this is not an OpenELM config"
             )
         L = self.num_transformer_layers
         for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size"):
@@ -123,7 +125,9 @@ class ModelArgs:
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
         """Build from a `config.json` dict, ignoring keys that are not ours (as mlx-lm does)."""
         known = inspect.signature(cls).parameters
-        missing = [k for k in ("num_transformer_layers", "model_dim", "head_dim") if k not in params]
+        missing = [
+            k for k in ("num_transformer_layers", "model_dim", "head_dim") if k not in params
+        ]
         if params.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(
                 f"model_type is {params.get('model_type')!r}, not {MODEL_TYPE!r}: "
@@ -137,9 +141,11 @@ class ModelArgs:
         """The Hugging Face `config.json` form: expanded per-layer lists, readable by mlx-lm too."""
         d = asdict(self)
         d.pop("naive_rms_norm")
-        d["qkv_multipliers"] = list(d["qkv_multipliers"]) if isinstance(
-            d["qkv_multipliers"], (list, tuple)
-        ) else d["qkv_multipliers"]
+        d["qkv_multipliers"] = (
+            list(d["qkv_multipliers"])
+            if isinstance(d["qkv_multipliers"], (list, tuple))
+            else d["qkv_multipliers"]
+        )
         d.update(
             architectures=["OpenELMForCausalLM"],
             bos_token_id=1,

@@ -1,4 +1,4 @@
-"""Finding a model: a local folder, or a Hugging Face Hub repo id through huggingface-hub's cache."""
+"""Finding a model: a local folder, or a Hub repo id through huggingface-hub's own cache."""
 
 from __future__ import annotations
 
@@ -19,12 +19,18 @@ def resolve(source: str | Path, allow_patterns: list[str] | None = None) -> Path
             raise FileNotFoundError(f"{source} does not exist (not a local path nor a Hub repo id)")
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(str(source), allow_patterns=allow_patterns))
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"Hub repo {source} not found (or gated: run `hf auth login`)") from None
+        raise FileNotFoundError(
+            f"Hub repo {source} not found (or gated: run `hf auth login`)"
+        ) from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"Hub repo {source} is not in the local cache and the Hub can't be reached "

@@ -53,7 +53,7 @@ def save_model(
     quantization: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> None:
-    """Write weights (sharded past 5 GB, with an index) and `config.json` into an existing folder."""
+    """Write weights (sharded past 5 GB, with an index) and `config.json` into `folder`."""
     folder = Path(folder)
     _mlx_lm_save_model(folder, model)
     config = {**args.to_dict(), **(extra_config or {})}
@@ -91,7 +91,8 @@ def load(
     args = load_config(folder)  # validates model_type and shapes with a clear message
     if not any(folder.glob("model*.safetensors")):
         raise FileNotFoundError(
-            f"{folder} has no model*.safetensors: convert a PyTorch checkpoint with `mlx-openelm convert`"
+            f"{folder} has no model*.safetensors: "
+            "convert a PyTorch checkpoint with `mlx-openelm convert`"
         )
     try:
         model, _ = _mlx_lm_load_model(

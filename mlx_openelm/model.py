@@ -1,7 +1,7 @@
 """The OpenELM decoder in MLX.
 
-Parameter names are the Hugging Face checkpoint's own (`transformer.layers.N.attn.qkv_proj`, ...), so
-a converted state dict loads as is, and a folder we write loads in mlx-lm's `openelm` model too.
+Parameter names are the Hugging Face checkpoint's own (`transformer.layers.N.attn.qkv_proj`...),
+so a converted state dict loads as is, and a folder we write loads in mlx-lm's `openelm` model too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .config import ModelArgs
 
 
 class NaiveRMSNorm(nn.Module):
-    """RMSNorm from separate ops, as in the PyTorch reference: the paper's slow path, for benchmarks."""
+    """RMSNorm from separate ops, like the PyTorch reference: the paper's slow path (benchmarks)."""
 
     def __init__(self, dims: int, eps: float = 1e-6):
         super().__init__()
@@ -42,7 +42,9 @@ class Attention(nn.Module):
         self.n_heads = args.num_query_heads[layer_id]
         self.n_kv_heads = args.num_kv_heads[layer_id]
         self.scale = hd**-0.5
-        self.qkv_proj = nn.Linear(args.model_dim, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.qkv_proj = nn.Linear(
+            args.model_dim, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False
+        )
         self.out_proj = nn.Linear(self.n_heads * hd, args.model_dim, bias=False)
         if args.normalize_qk_projections:
             self.q_norm = rms_norm(args, hd)

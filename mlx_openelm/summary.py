@@ -1,4 +1,4 @@
-"""`mlx-openelm info`: a model's layer-wise shape, for checking a checkpoint or designing a new size."""
+"""`mlx-openelm info`: a model's layer-wise shape, to check a checkpoint or design a new size."""
 
 from __future__ import annotations
 
@@ -19,11 +19,15 @@ def resolve_args(model: str | None, preset: str | None, config: Path | None) -> 
         raise ValueError("give exactly one of --model, --preset or --config")
     if preset is not None:
         return preset_args(preset)
-    path = Path(config) if config is not None else hub.resolve(model, ["config.json"]) / "config.json"
+    path = (
+        Path(config) if config is not None else hub.resolve(model, ["config.json"]) / "config.json"
+    )
     return ModelArgs.from_file(path)
 
 
-def describe(model: str | None = None, preset: str | None = None, config: Path | None = None) -> None:
+def describe(
+    model: str | None = None, preset: str | None = None, config: Path | None = None
+) -> None:
     args = resolve_args(model, preset, config)
     table = Table(title="OpenELM layer-wise scaling")
     for col in ("layer", "query heads", "kv heads", "attn width", "ffn width", "parameters"):

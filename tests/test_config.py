@@ -19,7 +19,15 @@ def runs(*pairs):
 TABLE = {
     "270M": (16, 1280, 64, runs((12, 5), (16, 7), (20, 4)), 768, 5120, 271_527_168),
     "450M": (20, 1536, 64, runs((12, 3), (16, 7), (20, 6), (24, 4)), 768, 6144, 457_179_136),
-    "1_1B": (28, 2048, 64, runs((16, 3), (20, 7), (24, 8), (28, 6), (32, 4)), 1024, 8192, 1_079_891_456),
+    "1_1B": (
+        28,
+        2048,
+        64,
+        runs((16, 3), (20, 7), (24, 8), (28, 6), (32, 4)),
+        1024,
+        8192,
+        1_079_891_456,
+    ),
     "3B": (36, 3072, 128, runs((12, 4), (16, 14), (20, 12), (24, 6)), 1536, 12288, 3_036_647_424),
 }
 
@@ -68,7 +76,7 @@ def test_make_divisible_never_rounds_down_more_than_ten_percent():
 
 
 def test_hf_config_forms_agree():
-    """A saved HF config (expanded lists) and a hand-written one (2-element ranges) are one model."""
+    """A saved HF config (per-layer lists) and a hand-written one (2-element ranges) agree."""
     ranged = {"model_type": "openelm", **preset("270M").to_dict()}
     ranged.update(ffn_multipliers=[0.5, 4.0], qkv_multipliers=[0.5, 1.0])
     del ranged["num_query_heads"], ranged["num_kv_heads"]
@@ -88,14 +96,17 @@ def test_config_round_trips_through_mlx_lm_args():
     assert theirs.ffn_multipliers == d["ffn_multipliers"]
 
 
+SMALL = {"num_transformer_layers": 2, "model_dim": 64, "head_dim": 16}
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"model_type": "llama", "num_transformer_layers": 2, "model_dim": 64, "head_dim": 16}, "not an OpenELM"),
-        ({"model_type": "openelm", "model_dim": 64, "head_dim": 16}, "missing num_transformer_layers"),
-        ({"num_transformer_layers": 3, "model_dim": 64, "head_dim": 16, "ffn_multipliers": [1, 2, 3, 4]}, "one value per layer"),
-        ({"num_transformer_layers": 2, "model_dim": 64, "head_dim": 16, "num_query_heads": [4, 4], "num_kv_heads": [3, 4]}, "can't share"),
-        ({"num_transformer_layers": 0, "model_dim": 64, "head_dim": 16}, "positive integer"),
+        ({**SMALL, "model_type": "llama"}, "not an OpenELM"),
+        ({"model_dim": 64, "head_dim": 16}, "missing num_transformer_layers"),
+        ({**SMALL, "ffn_multipliers": [1, 2, 3]}, "one value per layer"),
+        ({**SMALL, "num_query_heads": [4, 4], "num_kv_heads": [3, 4]}, "can't share"),
+        ({**SMALL, "num_transformer_layers": 0}, "positive integer"),
     ],
 )  # fmt: skip
 def test_bad_configs_are_refused_clearly(params, message):

@@ -7,18 +7,21 @@ Whole prompt and token by token through the KV cache, fp32, max abs diff <= 1e-4
 
 from __future__ import annotations
 
+import mlx.core as mx  # noqa: I001  (after mlx_openelm, which picks the BLAS)
 import numpy as np
 import pytest
-
-import mlx_openelm
-import mlx.core as mx  # noqa: I001  (after mlx_openelm, which picks the BLAS)
 from mlx_lm.models.cache import make_prompt_cache
 
-torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (pip install .[reference])")
+import mlx_openelm
+
+torch = pytest.importorskip(
+    "torch", reason="the PyTorch reference needs torch (pip install .[reference])"
+)
 from mlx_openelm.bench import reference  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
 from mlx_openelm.cli import app  # noqa: E402
 from mlx_openelm.config import ModelArgs, preset  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
 TOL = 1e-4
 # Each preset shrunk by a common factor on model_dim, head_dim and the FFN divisor, which keeps its
@@ -38,7 +41,9 @@ def scaled_config(name: str, vocab_size: int = 256) -> dict:
 
 
 def convert(source, out, *extra) -> None:
-    result = CliRunner().invoke(app, ["convert", str(source), str(out), "--dtype", "float32", *extra])
+    result = CliRunner().invoke(
+        app, ["convert", str(source), str(out), "--dtype", "float32", *extra]
+    )
     assert result.exit_code == 0, result.output
 
 
