@@ -307,5 +307,110 @@ def bench(
     )  # fmt: skip
 
 
+@app.command()
+def pretrain(
+    data: Annotated[
+        Path, typer.Option(help=".txt/.jsonl file or folder: a document per file or jsonl line")
+    ],
+    out: Annotated[Path, typer.Option(help="Output MLX model folder (with checkpoints)")],
+    config: Annotated[Path | None, typer.Option(help="config.json with the model's shape")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Or a released shape: 270M, 450M, 1_1B, 3B")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field, e.g. --set model_dim=256 (repeat)"),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="SentencePiece tokenizer.model (default: train one)")
+    ] = None,
+    tokenizer_vocab_size: Annotated[
+        int, typer.Option(help="Pieces when training the tokenizer")
+    ] = 4096,
+    seq_length: Annotated[int, typer.Option(help="Tokens per packed sequence")] = 256,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out")] = 0.02,
+    doc_separator: Annotated[
+        str | None, typer.Option(help="Split .txt files at this marker (\\n is a newline)")
+    ] = None,
+    min_doc_chars: Annotated[int, typer.Option(help="Drop shorter documents (paper: 200)")] = 0,
+    min_doc_tokens: Annotated[int, typer.Option(help="Drop shorter documents (paper: 256)")] = 0,
+    iters: Annotated[int, typer.Option(help="Optimizer steps (the cosine ends here)")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-step, all ranks")] = 16,
+    grad_accumulation_steps: Annotated[int, typer.Option(help="Micro-steps per update")] = 1,
+    learning_rate: Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")] = 1e-3,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear warm-up (default 10% of iters, at most 1000)")
+    ] = None,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: off)")] = 1.0,
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for init, data order and split")] = 0,
+    steps_per_report: Annotated[int, typer.Option(help="Log train loss every N steps")] = 10,
+    steps_per_eval: Annotated[int, typer.Option(help="Validate every N steps (0: never)")] = 200,
+    val_batches: Annotated[int, typer.Option(help="Validation batches (-1: all)")] = -1,
+    steps_per_save: Annotated[int, typer.Option(help="Checkpoint every N steps")] = 200,
+    keep_checkpoints: Annotated[int, typer.Option(help="Numbered checkpoints kept")] = 2,
+    average_last: Annotated[
+        int, typer.Option(help="Average the last K checkpoints at the end")
+    ] = 0,
+    export_hf: Annotated[
+        Path | None, typer.Option(help="Also write a Hugging Face OpenELM folder here")
+    ] = None,
+    hf_dtype: Annotated[
+        str | None, typer.Option(help="float32, float16 or bfloat16 for --export-hf")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT's run")] = False,
+) -> None:
+    """Pretrain an OpenELM from scratch, the paper's recipe (Ctrl-C saves; --resume continues)."""
+    from .train.pretrain import parse_overrides
+    from .train.pretrain import pretrain as run_pretrain
+
+    training = {} if warmup_steps is None else {"warmup_steps": warmup_steps}
+    sep = doc_separator.encode().decode("unicode_escape") if doc_separator else None
+    result = _run(
+        lambda **kw: run_pretrain(overrides=parse_overrides(set_ or []), **kw),
+        data=data, out=out, config=config, preset=preset, tokenizer=tokenizer,
+        tokenizer_vocab_size=tokenizer_vocab_size, seq_length=seq_length,
+        val_fraction=val_fraction,
+        doc_separator=sep, min_doc_chars=min_doc_chars, min_doc_tokens=min_doc_tokens,
+        average_last=average_last, export_hf_path=export_hf, hf_dtype=hf_dtype, resume=resume,
+        iters=iters, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
+        learning_rate=learning_rate, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+        grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
+        steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
+        val_batches=val_batches,
+        steps_per_save=steps_per_save, keep_checkpoints=keep_checkpoints, **training,
+    )  # fmt: skip
+    if result and result.get("val_ppl") is not None:
+        print(
+            f"validation perplexity {result['val_ppl']:.2f} (unigram {result['unigram_ppl']:.2f}, "
+            f"bigram {result['bigram_ppl']:.2f}) on {result['val_tokens']:,} held-out tokens"
+        )
+
+
+@app.command("train-tokenizer")
+def train_tokenizer(
+    data: Annotated[Path, typer.Option(help=".txt/.jsonl file or folder, as for pretrain")],
+    out: Annotated[Path, typer.Option(help="The tokenizer.model to write")],
+    vocab_size: Annotated[int, typer.Option(help="Pieces, with 256 bytes and 3 specials")] = 4096,
+    model_type: Annotated[str, typer.Option(help="bpe (Llama-2's) or unigram")] = "bpe",
+    doc_separator: Annotated[
+        str | None, typer.Option(help="Split .txt files at this marker (\\n is a newline)")
+    ] = None,
+) -> None:
+    """Train a SentencePiece tokenizer like Llama-2's (byte fallback; unk 0, <s> 1, </s> 2)."""
+    from .train.tokenizer_training import train_tokenizer as run_train_tokenizer
+
+    sep = doc_separator.encode().decode("unicode_escape") if doc_separator else None
+    tok = _run(
+        run_train_tokenizer, data=data, out=out, vocab_size=vocab_size, model_type=model_type,
+        doc_separator=sep,
+    )  # fmt: skip
+    print(f"wrote {out} ({tok.vocab_size} pieces)")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,151 @@
+"""`mlx-openelm eval`: lm-evaluation-harness tasks on an MLX OpenELM model, with a JSON report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..tasks import LOCAL_TASKS, TASKS_DIR
+from .report import describe_model
+from .scoring import ScoreStats
+
+INSTALL_HINT = (
+    "lm-evaluation-harness is not installed: pip install 'mlx-openelm[eval]' "
+    "(or pip install 'lm-eval>=0.4.5')"
+)
+
+
+def require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+
+
+def task_manager(tasks: Sequence[str]):
+    """lm-eval's TaskManager with our local tasks; lm-eval's own ~15k configs only when needed
+    (scanning them takes half a minute)."""
+    from lm_eval.tasks import TaskManager
+
+    local = all(t in LOCAL_TASKS for t in tasks)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not local)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"Unknown task(s): {', '.join(unknown)}. Offline: {', '.join(LOCAL_TASKS)}; "
+            "lm-eval's own tasks (arc_easy, arc_challenge, boolq, hellaswag, piqa, sciq, "
+            "winogrande, ...) download their data from the Hub; `lm-eval ls tasks` lists them"
+        )
+    return manager
+
+
+def evaluate(
+    model: str,
+    tasks: Sequence[str] | str,
+    *,
+    adapter_path: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    output: str | Path | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+    verbose: bool = True,
+    lm: Any = None,
+) -> dict[str, Any]:
+    """Run lm-eval tasks on a model and return (and optionally write) the report.
+
+    Args:
+        model: the MLX model folder or Hub repo id.
+        tasks: lm-eval task names (a list or comma-separated); `hellaswag_local` runs offline.
+        adapter_path: a LoRA/DoRA adapter folder to apply.
+        limit: score only the first N items of each task (for a quick look; not comparable).
+        num_fewshot: examples in each prompt (the paper's figures are zero-shot).
+        batch_size: sequences per forward pass.
+        max_length: the scoring window (default: the model's context window).
+        output: write the report here as JSON.
+        seed: lm-eval's random seeds (few-shot sampling).
+        log_samples: keep lm-eval's per-item records under "samples".
+        verbose: print lm-eval's table and the speed.
+        lm: an `MLXOpenELM` backend to use instead of loading `model`.
+
+    Returns:
+        The report: per-task metrics, item counts, the model (folder, adapter, dtype, bits),
+        versions, and speed (items/s and the scorer's requests/s and tokens/s).
+    """
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise ValueError("Name at least one task, e.g. --tasks hellaswag_local")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from .lm import MLXOpenELM
+
+    manager = task_manager(tasks)  # before loading the model: a typo fails fast
+    if lm is None:
+        lm = MLXOpenELM(
+            model=str(model),
+            adapter_path=None if adapter_path is None else str(adapter_path),
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+    lm.stats = ScoreStats()  # this run's figures only
+    tic = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=None,  # nothing here uses torch
+        fewshot_random_seed=seed,
+    )
+    seconds = time.perf_counter() - tic
+    items = sum(n["effective"] for n in results["n-samples"].values())
+    report = {
+        "tasks": tasks,
+        "results": results["results"],
+        "groups": results.get("groups", {}),
+        "n_samples": results["n-samples"],
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "batch_size": lm.batch_size,
+        "max_length": lm.max_length,
+        **describe_model(lm.model, lm.path, lm.adapter_path),
+        "speed": {
+            "seconds": round(seconds, 3),
+            "items": items,
+            "items_per_s": round(items / max(seconds, 1e-9), 3),
+            "scoring": lm.stats.as_dict(),
+        },
+    }
+    if log_samples:
+        report["samples"] = results["samples"]
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if verbose:
+        print(make_table(results))
+        sc = report["speed"]["scoring"]
+        print(
+            f"{items} items in {seconds:.1f} s: {report['speed']['items_per_s']:.2f} items/s "
+            f"(scoring {sc['requests_per_s']:.1f} requests/s, {sc['tokens_per_s']:.0f} tokens/s)",
+            file=sys.stderr,
+        )
+    return report

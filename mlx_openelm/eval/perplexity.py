@@ -1,0 +1,145 @@
+"""`mlx-openelm perplexity`: token-level perplexity of text files with a sliding window.
+
+Each document is scored on its own from BOS, as lm-eval's `loglikelihood_rolling` does; with the
+default stride (= the window) the numbers are exactly those of the lm-eval backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .report import describe_model
+from .scoring import ScoreStats, score_rolling
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+def read_documents(data: str | Path) -> list[tuple[str, str]]:
+    """(name, text) of each document: a file is one document, a `.jsonl` file one per line (its
+    "text" field), a folder every .txt, .md and .jsonl file under it (sorted)."""
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"{data} does not exist: give a text file or a folder of them")
+    files = (
+        sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if data.is_dir()
+        else [data]
+    )
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{f} is not UTF-8 text") from None
+        if f.suffix != ".jsonl":
+            docs.append((str(f), text))
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append((f"{f}:{n}", json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f'{f}:{n}: expected a JSON object with a "text" field') from None
+    docs = [(name, text) for name, text in docs if text]
+    if not docs:
+        raise ValueError(f"No text found in {data} (looked for {', '.join(TEXT_SUFFIXES)} files)")
+    return docs
+
+
+def perplexity(
+    model: str,
+    data: str | Path,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    adapter_path: str | Path | None = None,
+    output: str | Path | None = None,
+    verbose: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Perplexity of text under a model, with a sliding window.
+
+    Args:
+        model: the MLX model folder or Hub repo id.
+        data: a text file, a .jsonl file ("text" per line) or a folder of them.
+        context: tokens per window (default: the model's context window).
+        stride: new tokens scored per window after the first (default: `context`, which gives
+          lm-eval's `loglikelihood_rolling`; smaller gives each token more context, slower).
+        batch_size: windows per forward pass.
+        adapter_path: a LoRA/DoRA adapter folder to apply.
+        output: write the report here as JSON.
+        verbose: print the result.
+        loaded: an already loaded (model, tokenizer) pair instead of `model`.
+
+    Returns:
+        The report: perplexity (exp of the mean negative log-likelihood per token), bits per
+        byte, counts, per-document figures, the model (folder, adapter, dtype, bits), speed.
+    """
+    if context is not None and context < 1:
+        raise ValueError(f"--context must be at least 1, got {context}")
+    if stride is not None and not 1 <= stride <= (context or stride):
+        raise ValueError(f"--stride must be between 1 and the context, got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    docs = read_documents(data)
+    if loaded is None:
+        from ..loading import load
+        from ..tokenizer import require_tokenizer
+
+        m, tokenizer, _ = load(model, adapter_path=adapter_path)
+        tokenizer = require_tokenizer(tokenizer, model)
+    else:
+        m, tokenizer = loaded
+    context = context or m.args.max_context_length
+    if stride is not None and stride > context:
+        raise ValueError(f"--stride {stride} is larger than the context {context}")
+    ids = [tokenizer.encode(text, add_bos=False) for _, text in docs]
+    stats = ScoreStats()
+    totals = score_rolling(
+        m, ids, prefix=tokenizer.bos_id, context=context, stride=stride,
+        batch_size=batch_size, stats=stats, progress=verbose,
+    )  # fmt: skip
+    tokens = sum(len(t) for t in ids)
+    nbytes = sum(len(text.encode("utf-8")) for _, text in docs)
+    nll = -sum(totals)
+    report = {
+        "data": str(data),
+        "documents": len(docs),
+        "tokens": tokens,
+        "bytes": nbytes,
+        "loglikelihood": sum(totals),
+        "perplexity": math.exp(nll / tokens),
+        "bits_per_byte": nll / math.log(2) / nbytes,
+        "context": context,
+        "stride": stride or context,
+        "per_document": [
+            {
+                "name": name,
+                "tokens": len(t),
+                "loglikelihood": ll,
+                "perplexity": math.exp(-ll / len(t)),
+            }
+            for (name, _), t, ll in zip(docs, ids, totals, strict=True)
+        ],
+        **describe_model(
+            m, None if loaded else str(model), None if adapter_path is None else str(adapter_path)
+        ),
+        "speed": stats.as_dict(),
+    }
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    if verbose:
+        print(
+            f"perplexity {report['perplexity']:.4f} ({report['bits_per_byte']:.4f} bits/byte) "
+            f"over {tokens} tokens in {len(docs)} document(s); window {context}, "
+            f"stride {report['stride']}"
+        )
+        print(f"{stats.as_dict()['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    return report
