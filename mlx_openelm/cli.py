@@ -16,7 +16,14 @@ app = typer.Typer(
 )
 
 # Errors a user can fix: printed as one line, exit code 1, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    ImportError,
+    ConnectionError,  # a peer of a distributed run was lost
+)
 
 
 def _run(fn: Callable[..., Any], **kwargs: Any) -> Any:

@@ -25,6 +25,7 @@ from mlx.utils import tree_map
 
 from .checkpoint import check_resume_args, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, batch_indices, collate, eval_batches, num_input_tokens, shard
+from .distributed import fingerprint, guard, heartbeat, sync_from_rank0
 from .remat import keyed_blocks
 from .report import MetricsLog, TrainProgress, plot_loss_curve
 
@@ -118,6 +119,7 @@ def evaluate(
         s, n = loss(model, inputs, targets, mask)
         total, count = total + s, count + n
         mx.eval(total, count)
+        heartbeat()
     if group.size() > 1:
         total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
     model.train(was_training)
@@ -160,18 +162,18 @@ class _Window:
     """Loss, tokens and time since the last report."""
 
     def __init__(self) -> None:
-        self.loss, self.targets, self.local_targets = mx.array(0.0), 0.0, 0.0
+        self.loss, self.targets = mx.array(0.0), 0.0  # all ranks together
         self.tokens, self.last_tokens, self.time = 0, 0, 0.0
 
     def add(self, loss: mx.array, targets: float, tokens: int) -> None:
         self.loss, self.targets = self.loss + loss, self.targets + targets
         self.tokens, self.last_tokens = self.tokens + tokens, tokens
 
-    def local_loss(self) -> float:
-        # This rank's mean, for the bar; reports use the all-reduced figure.
-        return self.loss.item() / self.local_targets if self.local_targets else float("nan")
+    def mean_loss(self) -> float:
+        return self.loss.item() / self.targets if self.targets else float("nan")
 
     def tokens_per_sec(self) -> float:
+        # Tokens of the whole global batch over rank 0's time: the sum of the ranks' rates.
         return self.tokens / max(self.time, 1e-9)
 
 
@@ -219,14 +221,14 @@ def train(
         )
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
-    if resume and latest_checkpoint(out_dir) is None:
+    writer = rank == 0  # the only rank that reads or writes out_dir (other machines may lack it)
+    if writer and resume and latest_checkpoint(out_dir) is None:
         raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint; drop --resume")
-    if not resume and latest_checkpoint(out_dir) is not None:
+    if writer and not resume and latest_checkpoint(out_dir) is not None:
         raise FileExistsError(
             f"{out_dir} already holds a training run: pass --resume to continue it, "
             "or choose another folder"
         )
-    writer = rank == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
@@ -234,9 +236,13 @@ def train(
     optimizer = make_optimizer(args)
     optimizer.init(model.trainable_parameters())
     meta: dict[str, Any] = {"step": 0, "trained_tokens": 0}
-    if resume:
+    if resume and writer:
         meta = load_checkpoint(latest_checkpoint(out_dir), weights_file, model, optimizer)
         check_resume_args(meta.get("args", {}), asdict(args))
+    if world > 1:  # rank 0's state, whatever the world size of the run that saved it
+        with guard(group):
+            digest = fingerprint({**asdict(args), "w": weights_file}, train_set, model)
+            meta = sync_from_rank0(model, optimizer, meta, digest, group)
     start = meta["step"]
     metrics = MetricsLog(out_dir / METRICS if writer else None, start if resume else None)
     if not resume and writer:
@@ -268,6 +274,7 @@ def train(
         )
         if writer:
             save_checkpoint(out_dir, weights_file, model, optimizer, meta, args.keep_checkpoints)
+            heartbeat()
             if on_save is not None:
                 on_save(out_dir, step_no)
 
@@ -286,7 +293,8 @@ def train(
         return {"step": start, "trained_tokens": meta["trained_tokens"], **last}
     model.train()
     bar = TrainProgress(args.iters, start, enabled=progress and writer)
-    with bar, _StopRequest(bar) as stop, keyed_blocks(type(model.layers[0]), args.grad_checkpoint):
+    blocks = keyed_blocks(type(model.layers[0]), args.grad_checkpoint)
+    with bar, _StopRequest(bar) as stop, blocks, guard(group):
         if validate and start == 0:
             last["val_loss"] = run_eval(0)
         for it in range(start, args.iters):
@@ -300,12 +308,15 @@ def train(
             acc, step_loss = None, mx.array(0.0)
             for m, global_idx in enumerate(batches):
                 local = [train_set[i] for i in shard(global_idx, rank, world)]
-                window.local_targets += sum(float(ex[1][1:].sum()) for ex in local)
                 inputs, targets, mask = map(mx.array, collate(local))
                 mx.random.seed(_micro_seed(args.seed, it * accum + m, rank))
                 loss_sum, acc, norm = step(inputs, targets, mask, acc, scale, m == accum - 1)
                 step_loss = step_loss + loss_sum
                 mx.eval(state, step_loss, acc)
+                heartbeat()
+            votes = mx.array(float(stop.requested))
+            if world > 1:  # one small all-reduce: the global loss for the bar, and stop together
+                step_loss, votes = mx.distributed.all_sum(mx.stack([step_loss, votes]))
             window.add(
                 step_loss,
                 step_targets,
@@ -316,11 +327,10 @@ def train(
             step_no = it + 1
             lr = optimizer.learning_rate.item()
             bar.update(
-                step_no, window.local_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
+                step_no, window.mean_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
             )
             if step_no % args.steps_per_report == 0 or step_no == args.iters:
-                total = mx.distributed.all_sum(window.loss) if world > 1 else window.loss
-                last["train_loss"] = total.item() / max(window.targets, 1.0)
+                last["train_loss"] = window.mean_loss()
                 last["tokens_per_sec"] = window.tokens_per_sec()
                 metrics.write(
                     {
@@ -344,9 +354,9 @@ def train(
                     step_no,
                     {"loss": step_loss.item() / max(step_targets, 1.0), "learning_rate": lr},
                 )
-            stopping = stop.requested
-            if world > 1:  # stop together, or the others would wait forever in a collective
-                stopping = mx.distributed.all_sum(mx.array(int(stopping))).item() > 0
+            # Stop together, or the others would wait in a collective (Ctrl-C may reach only
+            # some ranks: on other machines, none).
+            stopping = stop.requested if world == 1 else votes.item() > 0
             if step_no % args.steps_per_save == 0 or step_no == args.iters or stopping:
                 save(step_no)
             if stopping:
