@@ -10,10 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_openelm import hub
+from mlx_openelm.chat_template import template_for_convert
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.loading import atomic_folder, save_model
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer import Tokenizer, write_tokenizer_files
+from mlx_openelm.tokenizer_sources import explicit_tokenizer, resolve_tokenizer
 
 from .corenet import read_corenet
 from .readers import read_hf_config, read_hf_weights
@@ -92,6 +94,8 @@ def convert(
     q_group_size: int = 64,
     config_yaml: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    no_tokenizer: bool = False,
+    chat_template: str = "auto",
     overwrite: bool = False,
 ) -> Path:
     """Convert a PyTorch OpenELM checkpoint into an MLX model folder (loads here and in mlx-lm).
@@ -108,8 +112,14 @@ def convert(
         q_bits: bits per weight when quantising.
         q_group_size: quantisation group size (32, 64 or 128).
         config_yaml: the CoreNet training YAML of a CoreNet checkpoint.
-        tokenizer: a SentencePiece model to copy in as tokenizer.model (default: the source
-            folder's own tokenizer.model, if any).
+        tokenizer: the tokenizer to copy in: a SentencePiece model file, a folder holding
+            tokenizer.model, or a Hub repo id (fetched, and refused unless it is Llama-2's). By
+            default: the source folder's own tokenizer.model, else (for Llama-2's 32000-piece
+            vocabulary) the first ungated Hub copy of Llama-2's tokenizer that passes the check
+            (`tokenizer_sources.LLAMA2_TOKENIZER_REPOS`).
+        no_tokenizer: write the weights alone, without looking for a tokenizer.
+        chat_template: `auto` (OpenELM's Instruct template for a source named `-Instruct`, none
+            for a base model), `openelm`, `none`, a Jinja file, or the template text.
         overwrite: replace an existing output folder (only once the new one is complete).
 
     Returns:
@@ -120,13 +130,18 @@ def convert(
     out = Path(out)
     if not overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists: delete it or choose another output path")
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"No tokenizer file at {tokenizer}")
+    if no_tokenizer and tokenizer is not None:
+        raise ValueError("Pass either --tokenizer or --no-tokenizer, not both")
+    # Explicit choices are checked before the (possibly large) source is read.
+    explicit = explicit_tokenizer(tokenizer) if tokenizer is not None else None
+    template, template_origin = template_for_convert(source, chat_template)
 
     src = read_source(source, config_yaml)
     args, tensors = src.args, src.tensors
     validate(tensors, args, str(source))
-    tok = Path(tokenizer) if tokenizer is not None else src.tokenizer
+    tok, tok_origin = explicit or resolve_tokenizer(
+        src.tokenizer, None, args.vocab_size, fetch_default=not no_tokenizer
+    )
     if tok is not None and (pieces := Tokenizer(tok).vocab_size) > args.vocab_size:
         raise ValueError(
             f"{tok} has {pieces} pieces but the model only {args.vocab_size} embeddings: "
@@ -134,6 +149,8 @@ def convert(
         )
     for note in src.notes:
         _log(note)
+    _log(f"tokenizer: {tok_origin}")
+    _log(f"chat template: {template_origin if tok is not None else 'none (no tokenizer)'}")
     src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
     nbytes = sum(t.nbytes for t in tensors.values())
     _log(f"read {len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
@@ -165,7 +182,7 @@ def convert(
     with atomic_folder(out, overwrite=overwrite) as tmp:
         save_model(tmp, model, args, quantization=quantization)
         if tok is not None:
-            write_tokenizer_files(tmp, tok, args.max_context_length)
+            write_tokenizer_files(tmp, tok, args.max_context_length, chat_template=template)
     size = sum(f.stat().st_size for f in out.iterdir())
     _log(f"wrote {out} ({_mb(size)}{f', {q_bits}-bit' if quantize else ''})")
     return out

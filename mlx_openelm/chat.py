@@ -10,7 +10,15 @@ SentencePiece alone spells `</s>` out as plain characters (with the test model: 
 as transformers' tokenizer does (tests/test_tokenizer.py checks this). The model ends its replies
 with that same EOS.
 
-Each turn keeps the KV cache of the conversation so far and prefills only the new turn's tokens.
+The format comes from a chat template (see chat_template.py): `--chat-template`, else the model
+folder's (`tokenizer_config.json`, where convert writes OpenELM's for an Instruct model), else
+OpenELM's for a folder named `-Instruct`; a base model is refused with a hint. The template is
+rendered with jinja2 as transformers renders it, so mlx-lm and transformers users get the same ids.
+
+Each turn keeps the KV cache of the conversation so far and prefills only the new turn's tokens:
+the whole conversation is rendered again and only the text past what the cache already holds
+(the earlier turns and the reply as generated, with its `</s>` when it ended with EOS) is
+encoded. A template that rewrites earlier turns makes the session start its cache over.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from .chat_template import ChatTemplate, template_for_chat
 from .generate import (
     DEFAULT_REPETITION_PENALTY,
     GenerationResponse,
@@ -32,14 +41,15 @@ from .generate import (
     make_sampling,
     stream_generate,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 PROMPT = ">>> "
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
 
 
 def format_turn(message: str, system: str | None = None, first: bool = True) -> str:
-    """The text of one user turn up to the start of the reply (the `</s>` are EOS ids)."""
+    """One user turn in OpenELM's Instruct format, up to the start of the reply (the `</s>` are
+    EOS ids); what the built-in template renders for that turn, BOS aside."""
     turn = f"<|user|>\n{message}</s>\n<|assistant|>\n"
     if not first:
         return "\n" + turn  # right after the previous reply's `</s>`
@@ -56,9 +66,12 @@ class ChatSession:
         *,
         system: str | None = None,
         max_tokens: int = 512,
+        template: ChatTemplate | None = None,
         **kwargs: Any,
     ):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.template = template or ChatTemplate(CHAT_TEMPLATE, tokenizer)
+        self.eos_text = tokenizer.sp.id_to_piece(tokenizer.eos_id)
         self.max_tokens = max_tokens
         self.kwargs = kwargs  # sampler, logits_processors for generate_step
         self.context = model.args.max_context_length
@@ -67,28 +80,42 @@ class ChatSession:
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.model)
         self.last_token: int | None = None  # the last token in the cache (None: empty)
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.text = ""  # the rendered conversation whose tokens the cache holds
 
     @property
     def cached(self) -> int:
         return self.cache[0].offset
 
+    def _pending(self, message: str) -> tuple[list[dict[str, str]], str, bool]:
+        """(messages with `message`, the text still to prefill, whether to start the cache over)."""
+        messages = [*self.messages, {"role": "user", "content": message}]
+        full = self.template.render(messages, add_generation_prompt=True)
+        if self.last_token is None or full.startswith(self.text):
+            return messages, full[len(self.text) :], False
+        return messages, full, True  # the template rewrote an earlier turn
+
     def turn_ids(self, message: str) -> list[int]:
         """The new tokens to prefill for `message`, given what the cache already holds."""
-        first = self.last_token is None
-        text = format_turn(message, self.system, first)
-        if not first and self.last_token not in self.tokenizer.eos_token_ids:
-            text = "</s>" + text  # close a reply cut short (length limit or Ctrl-C)
-        return self.tokenizer.encode(text, add_bos=first, special=True)
+        _, text, _ = self._pending(message)
+        # A reply cut short (length limit or Ctrl-C) is closed by the template's own `</s>`.
+        return self.tokenizer.encode(text, add_bos=False, special=True)
 
     def reply(self, message: str) -> Generator[GenerationResponse, None, None]:
         """Stream the reply to `message`; stopping early (closing the generator) is fine."""
-        ids = self.turn_ids(message)
-        room = self.context - self.cached - len(ids)
+        messages, text, restart = self._pending(message)
+        ids = self.tokenizer.encode(text, add_bos=False, special=True)
+        room = self.context - (0 if restart else self.cached) - len(ids)
         if room < 1:
             raise ValueError(
                 f"The conversation ({self.cached} tokens) and this message ({len(ids)} tokens) "
                 f"outgrow the context window of {self.context} tokens: /reset to start over"
             )
+        if restart:
+            self.cache, self.text = make_prompt_cache(self.model), ""
+        answer = {"role": "assistant", "content": ""}
+        self.messages = [*messages, answer]
+        prompt = self.text + text
         for r in stream_generate(
             self.model,
             self.tokenizer,
@@ -99,6 +126,9 @@ class ChatSession:
             **self.kwargs,
         ):
             self.last_token = r.token
+            answer["content"] += r.text
+            ended = r.token in self.tokenizer.eos_token_ids
+            self.text = prompt + answer["content"] + (self.eos_text if ended else "")
             yield r
 
 
@@ -156,12 +186,18 @@ def run(
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     seed: int | None = None,
     adapter_path: str | None = None,
+    chat_template: str | None = None,
 ) -> None:
-    """`mlx-openelm chat`: read messages from the terminal, stream the replies."""
+    """`mlx-openelm chat`: read messages from the terminal, stream the replies.
+
+    `chat_template` (`openelm`, a file or the template text) wins over the folder's template.
+    """
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
     m, tokenizer = load_for_generation(model, adapter_path)
+    source, origin = template_for_chat(model, tokenizer.path.parent, chat_template)
+    template = ChatTemplate(source, tokenizer)
     sampler, processors = make_sampling(
         temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
     )
@@ -172,10 +208,14 @@ def run(
     except ImportError:
         pass
     session = ChatSession(
-        m, tokenizer, system=system, max_tokens=max_tokens, sampler=sampler,
+        m, tokenizer, system=system, max_tokens=max_tokens, template=template, sampler=sampler,
         logits_processors=processors,
     )  # fmt: skip
-    print(f"Chatting with {Path(model).name}. {HELP}", file=sys.stderr, flush=True)
+    print(
+        f"Chatting with {Path(model).name} (chat template: {origin}). {HELP}",
+        file=sys.stderr,
+        flush=True,
+    )
     while True:
         try:
             message = input(PROMPT)

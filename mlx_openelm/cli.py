@@ -51,8 +51,22 @@ def convert(
         Path | None, typer.Option(help="CoreNet training YAML (for a CoreNet .pt)")
     ] = None,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="SentencePiece tokenizer.model to copy in")
+        str | None,
+        typer.Option(
+            help="tokenizer.model file, a folder holding one, or a Hub repo id (default: the "
+            "source's own, else an ungated Hub copy of Llama-2's, checked)"
+        ),
     ] = None,
+    no_tokenizer: Annotated[
+        bool, typer.Option("--no-tokenizer", help="Convert the weights alone")
+    ] = False,
+    chat_template: Annotated[
+        str,
+        typer.Option(
+            help="auto (OpenELM's for -Instruct names, none for base), openelm, none, a Jinja "
+            "file or the template"
+        ),
+    ] = "auto",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists (once the new one is done)")
     ] = False,
@@ -70,6 +84,8 @@ def convert(
         q_group_size=q_group_size,
         config_yaml=config_yaml,
         tokenizer=tokenizer,
+        no_tokenizer=no_tokenizer,
+        chat_template=chat_template,
         overwrite=overwrite,
     )
 
@@ -100,6 +116,10 @@ Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable samp
 AdapterPath = Annotated[
     str | None, typer.Option(help="LoRA/DoRA adapter folder from `mlx-openelm lora` to apply")
 ]
+ChatTemplateOption = Annotated[
+    str | None,
+    typer.Option(help="openelm, a Jinja file or the template (default: the model folder's)"),
+]
 
 
 @app.command()
@@ -117,6 +137,11 @@ def generate(
         list[str] | None, typer.Option(help="Stop at this text (not printed); repeatable")
     ] = None,
     adapter_path: AdapterPath = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="The prompt is a user message: print the reply")
+    ] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt (with --chat)")] = None,
+    chat_template: ChatTemplateOption = None,
 ) -> None:
     """Continue a prompt; the speed report (tokens/s, peak memory) goes to stderr."""
     from .generate import run
@@ -124,7 +149,8 @@ def generate(
     _run(
         run, model=model, prompt=prompt, max_tokens=max_tokens, temp=temp, top_p=top_p,
         top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        stop=stop or [], adapter_path=adapter_path,
+        stop=stop or [], adapter_path=adapter_path, chat=chat, system=system,
+        chat_template=chat_template,
     )  # fmt: skip
 
 
@@ -140,6 +166,7 @@ def chat(
     repetition_penalty: RepetitionPenalty = 1.2,
     seed: Seed = None,
     adapter_path: AdapterPath = None,
+    chat_template: ChatTemplateOption = None,
 ) -> None:
     """Chat with an OpenELM Instruct model (/reset, /exit; Ctrl-C stops a reply)."""
     from .chat import run
@@ -147,7 +174,7 @@ def chat(
     _run(
         run, model=model, system=system, max_tokens=max_tokens, temp=temp, top_p=top_p,
         top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        adapter_path=adapter_path,
+        adapter_path=adapter_path, chat_template=chat_template,
     )  # fmt: skip
 
 

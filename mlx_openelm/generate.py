@@ -309,14 +309,32 @@ def run(
     seed: int | None = None,
     stop: Sequence[str] = (),
     adapter_path: str | None = None,
+    chat: bool = False,
+    system: str | None = None,
+    chat_template: str | None = None,
 ) -> GenerationResponse:
-    """`mlx-openelm generate`: continue `prompt`, streaming to stdout; the report goes to stderr."""
+    """`mlx-openelm generate`: continue `prompt`, streaming to stdout; the report goes to stderr.
+
+    With `chat`, `prompt` is a user message (after `system`, if given) formatted with the chat
+    template (`chat_template`, else the folder's, as `mlx-openelm chat` does) and only the reply
+    is printed.
+    """
     if not prompt:
         raise ValueError("The prompt is empty: pass some text with --prompt")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if not chat and (system is not None or chat_template is not None):
+        raise ValueError("--system and --chat-template format a chat: add --chat")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
     m, tokenizer = load_for_generation(model, adapter_path)
+    ids: str | list[int] = prompt
+    if chat:
+        from .chat_template import ChatTemplate, encode_conversation, template_for_chat
+
+        source, _ = template_for_chat(model, tokenizer.path.parent, chat_template)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        ids = encode_conversation(tokenizer, ChatTemplate(source, tokenizer), messages)
     sampler, processors = make_sampling(
         temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
     )
@@ -326,14 +344,15 @@ def run(
     stream = stream_generate(
         m,
         tokenizer,
-        prompt,
+        ids,
         max_tokens=max_tokens,
         stop=stop,
+        trim_space=chat,
         sampler=sampler,
         logits_processors=processors,
     )
     first = next(stream)  # raises the prompt/context errors before anything is printed
-    print(prompt + first.text, end="", flush=True)
+    print(("" if chat else prompt) + first.text, end="", flush=True)
     last = first
     for last in stream:
         print(last.text, end="", flush=True)

@@ -1,7 +1,8 @@
 """The Llama-2 SentencePiece tokenizer that OpenELM uses, and streaming detokenizing.
 
 OpenELM's Hub repos ship no tokenizer: a model folder holds Llama-2's `tokenizer.model` (32000
-pieces, `<unk>` 0, `<s>` 1 BOS, `</s>` 2 EOS) once `mlx-openelm convert --tokenizer` copies it in.
+pieces, `<unk>` 0, `<s>` 1 BOS, `</s>` 2 EOS) once `mlx-openelm convert` copies it in (see
+tokenizer_sources.py for where it comes from).
 """
 
 from __future__ import annotations
@@ -170,17 +171,22 @@ def require_tokenizer(tokenizer: Tokenizer | None, folder: str | Path) -> Tokeni
 
 
 def write_tokenizer_files(
-    folder: str | Path, tokenizer_model_path: str | Path, max_length: int = 2048
+    folder: str | Path,
+    tokenizer_model_path: str | Path,
+    max_length: int = 2048,
+    chat_template: str | None = None,
 ) -> None:
     """Copy a SentencePiece `tokenizer.model` into a model folder, with HF's small config files.
 
     `tokenizer_config.json` and `special_tokens_map.json` make the folder load in mlx-lm and
-    transformers (a Llama tokenizer with OpenELM's chat template).
+    transformers (a Llama tokenizer, with a chat template for an Instruct model).
 
     Args:
         folder: the model folder (it must exist).
         tokenizer_model_path: Llama-2's `tokenizer.model` (or another SentencePiece model).
         max_length: the model's context window, recorded as `model_max_length`.
+        chat_template: the Jinja chat template to record (OpenELM's Instruct format by default);
+          None for a base model, which then has none.
     """
     folder, src = Path(folder), Path(tokenizer_model_path)
     tok = Tokenizer(src)  # validates
@@ -204,7 +210,8 @@ def write_tokenizer_files(
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "sp_model_kwargs": {},
-        "chat_template": CHAT_TEMPLATE,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", names)):
         (folder / name).write_text(json.dumps(data, indent=2) + "\n")

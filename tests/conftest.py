@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import mlx.core as mx  # noqa: I001
-import pytest
-import sentencepiece as spm
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 
-import mlx_openelm  # noqa: F401  (picks the BLAS before mlx.core loads)
+import mlx_openelm  # noqa: E402, F401, I001  (first: it picks the BLAS before mlx.core loads)
+from pathlib import Path  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 SPM_VOCAB = 512
@@ -79,13 +82,16 @@ def make_model_folder(
 ) -> Path:
     """An MLX model folder (`save_model`) with the tiny tokenizer (or none)."""
     from mlx_openelm.loading import save_model
-    from mlx_openelm.tokenizer import write_tokenizer_files
+    from mlx_openelm.tokenizer import CHAT_TEMPLATE, write_tokenizer_files
 
     model = tiny_model(seed, never_eos=never_eos, **overrides)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(folder, model, model.args)
     if spm_path is not None:
-        write_tokenizer_files(folder, spm_path, model.args.max_context_length)
+        # An Instruct-style folder: the chat tests need its template.
+        write_tokenizer_files(
+            folder, spm_path, model.args.max_context_length, chat_template=CHAT_TEMPLATE
+        )
     return folder
 
 

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from typer.testing import CliRunner
 
 import mlx_openelm
+from mlx_openelm.chat_template import folder_template
 from mlx_openelm.cli import app
 from mlx_openelm.loading import save_model
 from mlx_openelm.train import lora as lora_mod
@@ -177,6 +178,10 @@ def test_fuse_and_export_hf_keep_the_logits(trained, base_folder, tmp_path):
     assert result.exit_code == 0, result.output
     fused, tok, _ = mlx_openelm.load(tmp_path / "fused")
     assert tok is not None and not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
+    # The base folder's chat template (or its absence) carries over to both outputs.
+    assert folder_template(base_folder) is not None
+    assert folder_template(tmp_path / "fused") == folder_template(base_folder)
+    assert folder_template(tmp_path / "hf") == folder_template(base_folder)
     np.testing.assert_allclose(logits(fused), want, atol=2e-4, rtol=0)
 
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())

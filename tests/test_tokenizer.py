@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from mlx_openelm.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_files
+from mlx_openelm.tokenizer import (
+    CHAT_TEMPLATE,
+    Tokenizer,
+    load_tokenizer,
+    write_tokenizer_files,
+)
 
 TEXTS = [
     "It is a truth universally acknowledged.",
@@ -114,7 +119,7 @@ def test_bad_tokenizer_file(tmp_path):
 
 def test_write_tokenizer_files_loads_in_transformers(tmp_path, spm_model, tokenizer):
     assert load_tokenizer(tmp_path) is None
-    write_tokenizer_files(tmp_path, spm_model, max_length=512)
+    write_tokenizer_files(tmp_path, spm_model, max_length=512, chat_template=CHAT_TEMPLATE)
     assert load_tokenizer(tmp_path).encode("Anne") == tokenizer.encode("Anne")
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "LlamaTokenizer"

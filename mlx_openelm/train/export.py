@@ -27,6 +27,7 @@ def export_hf(
     *,
     dtype: str | None = None,
     tokenizer_file: str | Path | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Save `model` as a Hugging Face OpenELM folder (dequantising quantised layers in place).
 
@@ -36,6 +37,7 @@ def export_hf(
         out: the output folder (must not exist).
         dtype: float32, float16 or bfloat16 (default: the weights' own float type).
         tokenizer_file: a `tokenizer.model` to copy in (with Hugging Face's tokenizer configs).
+        chat_template: the chat template for `tokenizer_config.json` (None for a base model).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose float32, float16 or bfloat16")
@@ -50,4 +52,4 @@ def export_hf(
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer_file is not None and Path(tokenizer_file).is_file():
-            write_tokenizer_files(tmp, tokenizer_file, args.max_context_length)
+            write_tokenizer_files(tmp, tokenizer_file, args.max_context_length, chat_template)

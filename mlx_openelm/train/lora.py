@@ -23,6 +23,7 @@ from mlx_lm.utils import dequantize_model
 
 from .. import hub
 from ..loading import atomic_folder, load, save_model
+from ..chat_template import folder_template
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
@@ -316,8 +317,13 @@ def fuse(
     with atomic_folder(out) as tmp:
         save_model(tmp, fused, model_args, quantization=quantization)
         if tokenizer_file.is_file():
-            write_tokenizer_files(tmp, tokenizer_file, model_args.max_context_length)
+            write_tokenizer_files(
+                tmp, tokenizer_file, model_args.max_context_length, folder_template(folder)
+            )
     if export_hf_path is not None:
         if quantization:  # fuse into the float weights, not into re-quantised ones
             fused = fuse_adapters(load(folder, adapter_path=adapter_path)[0], dequantize=True)
-        export_hf(fused, model_args, export_hf_path, dtype=hf_dtype, tokenizer_file=tokenizer_file)
+        export_hf(
+            fused, model_args, export_hf_path, dtype=hf_dtype, tokenizer_file=tokenizer_file,
+            chat_template=folder_template(folder),
+        )  # fmt: skip
