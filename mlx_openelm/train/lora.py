@@ -22,8 +22,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
 from .. import hub
-from ..loading import atomic_folder, load, save_model
 from ..chat_template import folder_template
+from ..loading import atomic_folder, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
