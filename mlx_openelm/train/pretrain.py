@@ -1,0 +1,349 @@
+"""Pretraining an OpenELM from scratch: a config, packed text, the shared loop, an MLX model folder.
+
+The output folder is an MLX model folder (`config.json`, `model.safetensors`, `tokenizer.model`)
+that `load` reads at any checkpoint, plus the loop's `checkpoints/`, `metrics.jsonl`, the loss
+curve and `pretrain.json` (the run's figures, with unigram and bigram baselines).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ..config import PRESETS, ModelArgs
+from ..config import preset as preset_args
+from ..model import Model
+from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
+from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .export import export_hf
+from .text_data import encode_documents, pack, read_documents, split_documents
+from .tokenizer_training import train_tokenizer
+from .trainer import TrainingArgs, evaluate, train
+
+WEIGHTS = "model.safetensors"
+SUMMARY = "pretrain.json"
+# The paper's recipe (AdamW 0.9/0.95, weight decay 0.1, cosine to 10% of the peak, clip 1.0).
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    learning_rate=1e-3,  # the paper: 5.3e-3 at 4M-token batches; small batches want less
+    weight_decay=0.1,
+    adam_betas=(0.9, 0.95),
+    min_lr_ratio=0.1,
+    grad_clip=1.0,
+    batch_size=16,
+    iters=1000,
+    steps_per_eval=200,
+    val_batches=-1,
+    steps_per_save=200,
+)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["model_dim=256", "ffn_multipliers=[0.5,4]"]` -> a dict; values are JSON, else strings."""
+    known = {f.name for f in fields(ModelArgs)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set model_dim=256")
+        if key not in known:
+            raise ValueError(
+                f"--set {key}: not an OpenELM config field; choose from {', '.join(sorted(known))}"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_config(
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+) -> ModelArgs:
+    """A `ModelArgs` from a `config.json` or a preset, with overrides; `vocab_size` fills a gap.
+
+    A config file's per-layer head lists are dropped when overrides change the shape, so the
+    layer-wise scaling is derived again.
+    """
+    if (config is None) == (preset is None):
+        raise ValueError("give exactly one of --config CONFIG.json or --preset NAME")
+    overrides = dict(overrides or {})
+    if config is not None:
+        ModelArgs.from_file(config)  # a clear error for a missing or broken file
+        params = json.loads(Path(config).read_text())
+        if overrides and not {"num_query_heads", "num_kv_heads"} & set(overrides):
+            params.pop("num_query_heads", None)
+            params.pop("num_kv_heads", None)
+    else:
+        preset_args(preset)  # validates the name
+        key = preset.split("/")[-1].removeprefix("OpenELM-").removesuffix("-Instruct")
+        params = dict(PRESETS[key])
+    params.update(overrides)
+    if "vocab_size" not in params and vocab_size is not None:
+        params["vocab_size"] = vocab_size
+    try:
+        return ModelArgs.from_dict(params)
+    except TypeError as e:
+        raise ValueError(f"bad OpenELM config: {e}") from None
+
+
+def init_weights(model: Model, args: ModelArgs, seed: int = 0) -> None:
+    """CoreNet's OpenELM init: N(0, fan_in^-1/2) linears, output projections scaled by (2L)^-1/2."""
+    mx.random.seed(seed)
+    out_scale = (2 * args.num_transformer_layers) ** -0.5
+    new = {}
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            new[name] = mx.ones_like(w)
+        elif name.endswith("token_embeddings.weight"):
+            new[name] = mx.random.normal(w.shape) * args.model_dim**-0.5
+        else:
+            std = w.shape[1] ** -0.5
+            if name.endswith(("out_proj.weight", "proj_2.weight")):
+                std *= out_scale
+            new[name] = mx.random.normal(w.shape) * std
+    model.load_weights(list(new.items()))
+    mx.eval(model.parameters())
+
+
+def average_checkpoints(out_dir: str | Path, k: int, weights_file: str = WEIGHTS) -> dict:
+    """The mean of the last `k` checkpoints' weights (the paper averages its last five)."""
+    folders = [
+        f for f in sorted(Path(out_dir, CHECKPOINTS).glob("step_*")) if (f / "state.json").is_file()
+    ]
+    if len(folders) < k:
+        raise ValueError(f"{out_dir} has {len(folders)} checkpoints, fewer than the {k} to average")
+    total = None
+    for f in folders[-k:]:
+        w = mx.load(str(f / weights_file))
+        total = w if total is None else tree_map(mx.add, total, w)
+    return {name: v / k for name, v in total.items()}
+
+
+def ngram_baselines(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> dict:
+    """Perplexity of add-one unigram and interpolated bigram models on `val_tokens[1:]`.
+
+    The bigram's interpolation weight is the best of a grid on the validation tokens themselves,
+    which flatters the baseline, not the model.
+    """
+    train_tokens, val_tokens = train_tokens.astype(np.int64), val_tokens.astype(np.int64)
+    uni = np.bincount(train_tokens, minlength=vocab_size) + 1.0
+    uni /= uni.sum()
+    prev, nxt = val_tokens[:-1], val_tokens[1:]
+    unigram_nll = -np.log(uni[nxt]).mean()
+    pair = train_tokens[:-1] * vocab_size + train_tokens[1:]
+    keys, counts = np.unique(pair, return_counts=True)
+    ctx = np.bincount(train_tokens[:-1], minlength=vocab_size).astype(np.float64)
+    idx = np.searchsorted(keys, prev * vocab_size + nxt)
+    idx = np.minimum(idx, len(keys) - 1)
+    c_pair = np.where(keys[idx] == prev * vocab_size + nxt, counts[idx], 0)
+    p_ml = np.divide(c_pair, ctx[prev], out=np.zeros(len(nxt)), where=ctx[prev] > 0)
+    best = min(
+        -np.log(lam * p_ml + (1 - lam) * uni[nxt]).mean() for lam in np.linspace(0.05, 0.95, 19)
+    )
+    return {"unigram_ppl": float(math.exp(unigram_nll)), "bigram_ppl": float(math.exp(best))}
+
+
+def _tokenizer_for(
+    out: Path, tokenizer: str | Path | None, data, resume, vocab, doc_separator
+) -> Path:
+    if tokenizer is not None:
+        return Path(tokenizer)
+    path = out / TOKENIZER_FILE
+    if resume and path.is_file():
+        return path
+    if mx.distributed.init().size() > 1:
+        raise ValueError(
+            "a multi-process run needs a tokenizer made beforehand: run `mlx-openelm "
+            "train-tokenizer` once and pass --tokenizer"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(data, path, vocab_size=vocab, doc_separator=doc_separator, overwrite=True)
+    return path
+
+
+def pretrain(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    tokenizer: str | Path | None = None,
+    tokenizer_vocab_size: int = 4096,
+    seq_length: int = 256,
+    val_fraction: float = 0.02,
+    doc_separator: str | None = None,
+    min_doc_chars: int = 0,
+    min_doc_tokens: int = 0,
+    average_last: int = 0,
+    export_hf_path: str | Path | None = None,
+    hf_dtype: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **training: Any,
+) -> dict[str, Any]:
+    """Train an OpenELM from scratch on plain text or jsonl and save an MLX model folder.
+
+    Args:
+        data: a `.txt`/`.jsonl` file or a folder of them (see `text_data`).
+        out: the output folder; with `resume`, the run to continue.
+        config: a `config.json` giving the shape (layer-wise scaling parameters).
+        preset: or a released size by name (270M, 450M, 1_1B, 3B).
+        overrides: config fields to change, e.g. `{"num_transformer_layers": 6}`.
+        tokenizer: a SentencePiece `tokenizer.model`; default: train one on `data`.
+        tokenizer_vocab_size: its size when training one.
+        seq_length: tokens per packed training sequence.
+        val_fraction: share of documents held out for validation (0: none).
+        doc_separator: splits `.txt` files into documents (default: one per file).
+        min_doc_chars, min_doc_tokens: drop shorter documents (the paper: 200 and 256).
+        average_last: average the last K checkpoints into the final weights (0 or 1: off).
+        export_hf_path: also write a Hugging Face OpenELM folder here.
+        hf_dtype: float32, float16 or bfloat16 for that export.
+        resume: continue from the last checkpoint in `out`.
+        progress: show the live bar.
+        training: `TrainingArgs` fields (iters, batch_size, learning_rate, warmup_steps, ...);
+          the defaults follow the paper's recipe, warm-up is 10% of `iters` (at most 1000).
+
+    Returns:
+        The run's figures (also in `out/pretrain.json`): losses, perplexities, tokens, time.
+    """
+    out = Path(out)
+    if (
+        export_hf_path is not None
+        and Path(export_hf_path).exists()
+        and any(Path(export_hf_path).iterdir())
+    ):
+        raise FileExistsError(f"{export_hf_path} already exists: delete it or choose another path")
+    if not resume and latest_checkpoint(out) is not None:
+        raise FileExistsError(
+            f"{out} already holds a training run: pass --resume to continue it, "
+            "or choose another folder"
+        )
+    if resume and latest_checkpoint(out) is None:
+        raise FileNotFoundError(f"nothing to resume: {out} has no checkpoint; drop --resume")
+    opts = {**PRETRAIN_DEFAULTS, **training}
+    opts.setdefault("warmup_steps", min(1000, opts["iters"] // 10))
+    opts["max_seq_length"] = seq_length
+    if average_last > 1:
+        opts["keep_checkpoints"] = max(opts.get("keep_checkpoints", 2), average_last)
+    try:
+        args = TrainingArgs(**opts)
+    except TypeError as e:
+        raise ValueError(f"unknown training option: {e}") from None
+
+    # Everything a user can get wrong is checked before the model is built or a file written.
+    docs = read_documents(data, doc_separator)
+    train_docs, val_docs = split_documents(docs, val_fraction, args.seed)
+    build_config(config, preset, overrides, vocab_size=tokenizer_vocab_size)  # fail early
+    tok_path = _tokenizer_for(out, tokenizer, data, resume, tokenizer_vocab_size, doc_separator)
+    tok = Tokenizer(tok_path)
+    model_args = build_config(config, preset, overrides, vocab_size=tok.vocab_size)
+    if model_args.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
+            "raise it or drop it from the config"
+        )
+    if args.steps_per_eval == 0:
+        val_docs = []
+    train_tokens, stats = encode_documents(train_docs, tok, min_doc_chars, min_doc_tokens)
+    val_tokens, _ = encode_documents(val_docs, tok, min_doc_chars, min_doc_tokens)
+    train_set, val_set = pack(train_tokens, seq_length), pack(val_tokens, seq_length)
+    if not train_set:
+        raise ValueError(
+            f"{data} gives {len(train_tokens)} training tokens after filtering ({stats['dropped']} "
+            f"documents dropped), fewer than one sequence of {seq_length + 1}: add text or lower "
+            "--seq-length / the minimum document length"
+        )
+    if val_docs and not val_set:
+        raise ValueError(
+            f"the validation documents give {len(val_tokens)} tokens, fewer than one sequence of "
+            f"{seq_length + 1}: raise --val-fraction or lower --seq-length"
+        )
+
+    model = Model(model_args)
+    init_weights(model, model_args, args.seed)
+    rank0 = mx.distributed.init().rank() == 0
+    per_step = args.batch_size * args.grad_accumulation_steps
+    if rank0:
+        print(
+            f"OpenELM {model_args.num_parameters() / 1e6:.2f}M parameters "
+            f"({model_args.num_transformer_layers} layers, dim {model_args.model_dim}, "
+            f"vocab {model_args.vocab_size}); {len(train_tokens):,} training tokens in "
+            f"{len(train_set)} sequences of {seq_length}, {len(val_set)} validation sequences; "
+            f"{args.iters} steps of {per_step} sequences "
+            f"(~{args.iters * per_step / len(train_set):.1f} epochs)"
+            + (f"; {stats['dropped']} short documents dropped" if stats["dropped"] else "")
+        )
+
+    def write_folder(folder: Path, step: int) -> None:
+        # At each save the top of `out` becomes an MLX model folder: config, tokenizer, weights.
+        config = json.dumps(model_args.to_dict(), indent=2, sort_keys=True)
+        (folder / "config.json").write_text(config + "\n")
+        if not (folder / "tokenizer_config.json").is_file():
+            write_tokenizer_files(folder, tok_path, model_args.max_context_length)
+
+    tic = time.perf_counter()
+    result = train(
+        model,
+        train_set,
+        val_set,
+        out,
+        args,
+        weights_file=WEIGHTS,
+        resume=resume,
+        on_save=write_folder,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - tic
+    previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else {}
+    trained_now = not math.isnan(result["train_loss"])  # NaN: the run had already finished
+    summary: dict[str, Any] = {
+        "parameters": model_args.num_parameters(),
+        "train_tokens_available": int(len(train_tokens)),
+        "trained_tokens": result["trained_tokens"],
+        "steps": result["step"],
+        # Wall time of the sessions that trained (an interrupted session is not counted).
+        "seconds": round(previous.get("seconds", 0.0) + (seconds if trained_now else 0.0), 1),
+        "train_loss": result["train_loss"] if trained_now else previous.get("train_loss"),
+        "training": asdict(args),
+        "seq_length": seq_length,
+    }
+    if average_last > 1:
+        weights = average_checkpoints(out, average_last)
+        model.load_weights(list(weights.items()))
+        if rank0:
+            mx.save_safetensors(str(out / WEIGHTS), weights)
+        summary["averaged_checkpoints"] = average_last
+    if val_set:
+        val_loss = evaluate(model, val_set, args.batch_size)
+        targets = val_tokens[: len(val_set) * seq_length + 1]
+        summary.update(
+            val_tokens=int(len(targets) - 1),
+            val_loss=val_loss,
+            val_ppl=math.exp(val_loss),
+            **ngram_baselines(train_tokens, targets, model_args.vocab_size),
+        )
+    if rank0:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if export_hf_path is not None:
+            export_hf(
+                model,
+                model_args,
+                export_hf_path,
+                dtype=hf_dtype,
+                tokenizer_file=out / TOKENIZER_FILE,
+            )
+    return summary
