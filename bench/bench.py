@@ -1,10 +1,12 @@
-"""Prefill and decode throughput: mlx-openelm against mlx-lm and the PyTorch reference, in one run.
+"""Prefill and decode timing of one implementation, in its own process, plus machine facts.
 
-Each implementation runs in its own subprocess (`python -m mlx_openelm.bench.bench worker ...`), so
-that peak memory is its own, torch and MLX never share a process, and BLAS set-up is the same for
-every run. Protocol for every side: batch 1, greedy, KV cache; warm-up, then `trials` runs per prompt
-length and the median. Prefill tok/s = prompt tokens / time to first token; decode tok/s = (gen - 1)
-/ time from the first token to the last.
+Each implementation runs in a fresh interpreter (`python -m mlx_openelm.bench.bench worker SPEC`),
+so that its peak memory is its own, torch and MLX never share a process, and BLAS set-up is the same
+for every run. Protocol for every side: batch 1, greedy, KV cache. First an untimed fp32 check run
+per prompt length (its tokens and top-2 margins are what `runner.check_agreement` compares), then
+the weights are cast to the timed dtype, a warm-up, and `trials` timed runs per prompt length whose
+median is reported. Prefill tok/s = prompt tokens / time to first token; decode tok/s = (gen - 1) /
+time from the first token to the last.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-CHECK_TOKENS = 8  # generated tokens that must agree between implementations (fp32)
+MAX_CHECK_TOKENS = 32  # generated tokens compared between implementations
+
+# run(prompt ids, tokens to generate, check) -> (time to first token, decode time, tokens, margins)
+RunFn = Callable[[list[int], int, bool], tuple[float, float, list[int], list[float]]]
 
 
 @dataclass
 class Result:
     implementation: str
     backend: str
+    device: str
     dtype: str
     prompt_tokens: int
     gen_tokens: int
@@ -36,10 +44,13 @@ class Result:
     ttft_s: float
     peak_memory_bytes: int
     peak_memory_kind: str
+    peak_rss_bytes: int | None
     trials: int
     prefill_tps_trials: list[float]
     decode_tps_trials: list[float]
-    tokens: list[int]
+    check_tokens: list[int]  # greedy tokens of the fp32 check run
+    check_margins: list[float]  # top-1 minus top-2 log-probability at each of them
+    threads: int | None
 
 
 def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -49,151 +60,283 @@ def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed + n).integers(3, vocab_size, n).tolist()
 
 
+# ---- process memory: peak RSS over a window (Linux can reset the high-water mark) ---------------
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 # ---- one implementation, inside a worker process -------------------------------------------------
 
 
-def _mlx_runner(folder: str, impl: str, dtype: str, naive: bool, q_bits: int | None):
-    import mlx_openelm  # before mlx.core: picks the BLAS
-    import mlx.core as mx  # noqa: I001
-    import mlx.nn as nn
+class MLXRunner:
+    """mlx-openelm (fused or naive RMSNorm) or mlx-lm's `openelm`, through its own generate_step."""
 
-    if impl == "mlx-lm":
-        from mlx_lm.generate import generate_step
-        from mlx_lm.utils import load_model
+    def __init__(self, folder: str, impl: str):
+        import mlx.core as mx  # noqa: I001
 
-        model, _ = load_model(Path(folder))
-    else:
-        from mlx_openelm.generate import generate_step
+        import mlx_openelm  # before mlx.core: picks the BLAS
 
-        model, _, _ = mlx_openelm.load(folder, naive_rms_norm=naive)
-    model.set_dtype(getattr(mx, dtype))
-    if q_bits:
-        nn.quantize(model, group_size=64, bits=q_bits)
-    mx.eval(model.parameters())
+        self.mx = mx
+        if impl == "mlx-lm":
+            from mlx_lm.generate import generate_step
+            from mlx_lm.utils import load_model
 
-    def run(prompt: list[int], gen: int) -> tuple[float, float, list[int]]:
-        tokens, t0 = [], time.perf_counter()
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=gen):
+            self.model, _ = load_model(Path(folder))
+        else:
+            from mlx_openelm.generate import generate_step
+
+            naive = impl.endswith("naive-rmsnorm")
+            self.model, _, _ = mlx_openelm.load(folder, naive_rms_norm=naive)
+        self.generate_step = generate_step
+        self.model.set_dtype(mx.float32)  # the check runs in fp32 (a cast, exact from bf16)
+        mx.eval(self.model.parameters())
+        if mx.cuda.is_available():
+            self.backend = "cuda"
+        elif mx.metal.is_available():
+            self.backend = "metal"
+        else:
+            self.backend = "cpu"
+        self.device = mx.device_info().get("device_name", self.backend)
+        self.threads = None
+
+    def cast(self, dtype: str, q_bits: int | None) -> None:
+        import mlx.nn as nn
+
+        self.model.set_dtype(getattr(self.mx, dtype))
+        if q_bits:
+            nn.quantize(self.model, group_size=64, bits=q_bits)
+        self.mx.eval(self.model.parameters())
+
+    def run(self, prompt: list[int], gen: int, check: bool = False):
+        mx = self.mx
+        tokens, margins, t0 = [], [], time.perf_counter()
+        for token, logprobs in self.generate_step(mx.array(prompt), self.model, max_tokens=gen):
             tokens.append(int(token))
             if len(tokens) == 1:
                 t1 = time.perf_counter()
-        return t1 - t0, time.perf_counter() - t1, tokens
+            if check:
+                top2 = mx.topk(logprobs.astype(mx.float32), 2)
+                margins.append(abs((top2[1] - top2[0]).item()))
+        return t1 - t0, time.perf_counter() - t1, tokens, margins
 
-    def peak() -> tuple[int, str]:
-        return mx.get_peak_memory(), "mlx allocator peak"
+    def reset_peak(self) -> None:
+        self.mx.reset_peak_memory()
 
-    backend = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else "cpu")
-    return run, peak, mx.reset_peak_memory, backend
+    def peak(self) -> tuple[int, str]:
+        return self.mx.get_peak_memory(), "mlx allocator peak"
 
 
-def _torch_runner(folder: str, dtype: str, device: str):
-    import torch
+class TorchRunner:
+    """The PyTorch reference (`reference.OpenELM`), with its own greedy loop and KV cache."""
 
-    from mlx_openelm.bench.reference import KVCache, OpenELM
+    def __init__(self, folder: str, device: str):
+        import torch
+        from mlx_openelm.bench.reference import OpenELM
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = OpenELM.from_pretrained(folder, dtype=getattr(torch, dtype), device=device)
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--reference-device must be auto, cpu or cuda, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("PyTorch sees no CUDA GPU here: use --reference-device cpu (or auto)")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.torch, self.dev = torch, device
+        self.model = OpenELM.from_pretrained(folder, dtype=torch.float32, device=device)
+        self.cuda = device == "cuda"
+        self.backend = device
+        if self.cuda:
+            self.device = torch.cuda.get_device_name()
+            self.threads = None
+        else:
+            self.device = cpu_name()
+            self.threads = torch.get_num_threads()
 
-    @torch.inference_mode()
-    def run(prompt: list[int], gen: int) -> tuple[float, float, list[int]]:
-        cache = KVCache()
-        t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt], device=device), cache=cache)
-        token = logits[0, -1].argmax()
-        tokens = [int(token)]  # .item() syncs
-        t1 = time.perf_counter()
-        for _ in range(gen - 1):
-            token = model(token.view(1, 1), cache=cache)[0, -1].argmax()
-            tokens.append(int(token))
-        sync()
-        return t1 - t0, time.perf_counter() - t1, tokens
+    def cast(self, dtype: str, q_bits: int | None) -> None:
+        self.model.to(getattr(self.torch, dtype))
 
-    def peak() -> tuple[int, str]:
-        if cuda:
-            return torch.cuda.max_memory_allocated(), "torch cuda allocator peak"
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    def run(self, prompt: list[int], gen: int, check: bool = False):
+        from mlx_openelm.bench.reference import KVCache
 
-    reset = torch.cuda.reset_peak_memory_stats if cuda else (lambda: None)
-    return run, peak, reset, device.split(":")[0]
+        torch = self.torch
+        with torch.inference_mode():
+            cache, tokens, margins = KVCache(), [], []
+
+            def pick(logits):
+                if check:
+                    top2 = logits.float().topk(2).values
+                    margins.append(float(top2[0] - top2[1]))
+                return logits.argmax()
+
+            t0 = time.perf_counter()
+            token = pick(self.model(torch.tensor([prompt], device=self.dev), cache=cache)[0, -1])
+            tokens.append(int(token))  # int() waits for the device
+            t1 = time.perf_counter()
+            for _ in range(gen - 1):
+                token = pick(self.model(token.view(1, 1), cache=cache)[0, -1])
+                tokens.append(int(token))
+        return t1 - t0, time.perf_counter() - t1, tokens, margins
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> tuple[int, str]:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated(), "torch cuda allocator peak"
+        return peak_rss(), "process peak RSS"
 
 
 def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check, then time, one implementation on every prompt length of `spec`."""
     impl = spec["implementation"]
     if impl == "torch-reference":
-        run, peak, reset, backend = _torch_runner(spec["folder"], spec["dtype"], spec["device"])
+        runner: MLXRunner | TorchRunner = TorchRunner(spec["folder"], spec["device"])
     else:
-        naive = impl.endswith("naive-rmsnorm")
-        run, peak, reset, backend = _mlx_runner(
-            spec["folder"], impl, spec["dtype"], naive, spec.get("q_bits")
-        )
-    gen = spec["gen_tokens"]
-    run(prompt_ids(16, spec["vocab_size"]), 4)  # warm-up
+        runner = MLXRunner(spec["folder"], impl)
+    gen, vocab = spec["gen_tokens"], spec["vocab_size"]
+    lengths = spec["prompt_tokens"]
+    runner.run(prompt_ids(16, vocab), 4)  # warm-up
+    n_check = min(gen, MAX_CHECK_TOKENS)
+    checks = {n: runner.run(prompt_ids(n, vocab), n_check, True) for n in lengths}
+    if spec["dtype"] != "float32" or spec.get("q_bits"):
+        runner.cast(spec["dtype"], spec.get("q_bits"))
+        runner.run(prompt_ids(16, vocab), 4)
+        for n in lengths:  # warm this dtype's kernels at every length
+            runner.run(prompt_ids(n, vocab), 4)
     results = []
-    for n in spec["prompt_tokens"]:
-        prompt = prompt_ids(n, spec["vocab_size"])
-        run(prompt, min(gen, 8))  # warm this length's kernels
-        reset()
-        trials = [run(prompt, gen) for _ in range(spec["trials"])]
-        prefill = [n / t for t, _, _ in trials]
-        decode = [(gen - 1) / d for _, d, _ in trials]
-        mem, kind = peak()
-        results.append(
-            asdict(
-                Result(
-                    implementation=spec.get("label", impl),
-                    backend=backend,
-                    dtype=spec["dtype_name"],
-                    prompt_tokens=n,
-                    gen_tokens=gen,
-                    prefill_tps=statistics.median(prefill),
-                    decode_tps=statistics.median(decode),
-                    ttft_s=statistics.median(t for t, _, _ in trials),
-                    peak_memory_bytes=int(mem),
-                    peak_memory_kind=kind,
-                    trials=spec["trials"],
-                    prefill_tps_trials=prefill,
-                    decode_tps_trials=decode,
-                    tokens=trials[0][2][:CHECK_TOKENS],
-                )
-            )
+    for n in lengths:
+        prompt = prompt_ids(n, vocab)
+        runner.reset_peak()
+        rss_ok = reset_peak_rss()
+        trials = [runner.run(prompt, gen) for _ in range(spec["trials"])]
+        mem, kind = runner.peak()
+        prefill = [n / t for t, _, _, _ in trials]
+        decode = [(gen - 1) / d for _, d, _, _ in trials]
+        _, _, check_tokens, margins = checks[n]
+        result = Result(
+            implementation=impl,
+            backend=runner.backend,
+            device=runner.device,
+            dtype=spec["dtype_name"],
+            prompt_tokens=n,
+            gen_tokens=gen,
+            prefill_tps=statistics.median(prefill),
+            decode_tps=statistics.median(decode),
+            ttft_s=statistics.median(t for t, _, _, _ in trials),
+            peak_memory_bytes=int(mem),
+            peak_memory_kind=kind,
+            peak_rss_bytes=peak_rss() if rss_ok else None,
+            trials=spec["trials"],
+            prefill_tps_trials=prefill,
+            decode_tps_trials=decode,
+            check_tokens=check_tokens,
+            check_margins=[round(m, 6) for m in margins],
+            threads=runner.threads,
+        )
+        results.append(asdict(result))
+        print(
+            f"  {impl} prompt {n}: prefill {result.prefill_tps:.1f} tok/s, "
+            f"decode {result.decode_tps:.2f} tok/s",
+            file=sys.stderr,
+            flush=True,
         )
     return results
 
 
-def run_worker(spec: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]]:
-    """Run one implementation in a fresh interpreter; its last stdout line is the JSON result."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_openelm.bench.bench", "worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+# Errors a user can fix travel back from the worker as themselves, not as a crash.
+_USER_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, ImportError)}
+
+
+def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one implementation in a fresh interpreter, echoing its progress lines to stderr."""
+    env = {**os.environ, **spec.get("env", {})}
+    with tempfile.TemporaryDirectory(prefix="mlx-openelm-worker-") as tmp:
+        answer_path = Path(tmp) / "answer.json"
+        cmd = [sys.executable, "-m", "mlx_openelm.bench.bench", "worker", json.dumps(spec)]
+        proc = subprocess.Popen(
+            [*cmd, str(answer_path)], stderr=subprocess.PIPE, text=True, env=env
+        )
+        tail: list[str] = []
+        for line in proc.stderr:
+            if line.startswith("  "):
+                sys.stderr.write(line)
+            tail = [*tail[-9:], line.rstrip()]
+        proc.wait()
+        answer = json.loads(answer_path.read_text()) if answer_path.exists() else {}
+    if proc.returncode == 0 and "results" in answer:
+        return answer["results"]
+    if "error" in answer:
+        raise _USER_ERRORS[answer["type"]](answer["error"])
+    raise RuntimeError(
+        f"the {spec['implementation']} worker failed:\n" + ("\n".join(tail) or "(no output)")
     )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{spec['implementation']} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ---- machine facts ---------------------------------------------------------------------------------
+# ---- machine facts -------------------------------------------------------------------------------
 
 
-def measure_bandwidth(gib: float = 0.5, trials: int = 5) -> float:
-    """Bytes/s that MLX reads from memory here: the median of summing a `gib` GiB fp32 array."""
-    import mlx_openelm  # noqa: F401
-    import mlx.core as mx  # noqa: I001
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    x = mx.ones((int(gib * 2**30) // 4,), dtype=mx.float32)
-    mx.eval(x)
-    mx.eval(x.sum())
+
+def _median_time(fn: Callable[[], Any], trials: int) -> float:
+    fn()
     times = []
     for _ in range(trials):
         t = time.perf_counter()
-        mx.eval(x.sum())
+        fn()
         times.append(time.perf_counter() - t)
-    return x.nbytes / statistics.median(times)
+    return statistics.median(times)
+
+
+def measure_bandwidth(
+    nbytes: int = 2**30, trials: int = 5, on_gpu: bool = False
+) -> dict[str, float]:
+    """Memory read bandwidth (bytes/s) by streaming kernels over an `nbytes` fp32 array.
+
+    On the CPU the roofline uses the best of several kernels (a bound must not be set by a slow
+    one); on a GPU, MLX's own sum on the device.
+    """
+    import mlx.core as mx  # noqa: I001
+
+    import mlx_openelm  # noqa: F401
+
+    n = nbytes // 4
+    out = {}
+    x = mx.ones((n,), dtype=mx.float32)
+    mx.eval(x)
+    out["mlx sum"] = nbytes / _median_time(lambda: mx.eval(x.sum()), trials)
+    x = None  # free it before numpy allocates its own
+    if not on_gpu:
+        import numpy as np
+
+        a = np.ones((1024, n // 1024), dtype=np.float32)
+        v = np.ones(n // 1024, dtype=np.float32)
+        out["numpy sum"] = nbytes / _median_time(lambda: a.sum(), trials)
+        out["numpy gemv"] = nbytes / _median_time(lambda: a @ v, trials)  # multi-threaded BLAS
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -209,22 +352,23 @@ def machine_info() -> dict[str, Any]:
             pass
     info = {
         "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "blas": blas.loaded,
+        "mlx_blas": blas.loaded,
         "versions": versions,
     }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["cuda_device"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = list(os.getloadavg())
     return info
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
-    print(json.dumps(worker(json.loads(sys.argv[2]))))
+    # argv: worker SPEC_JSON ANSWER_PATH; the answer is a file, so stdout stays free for libraries.
+    try:
+        answer = {"results": worker(json.loads(sys.argv[2]))}
+    except tuple(_USER_ERRORS.values()) as e:
+        kind = next(k for k, cls in _USER_ERRORS.items() if isinstance(e, cls))
+        answer = {"error": str(e), "type": kind}
+    Path(sys.argv[3]).write_text(json.dumps(answer))
+    sys.exit(2 if "error" in answer else 0)

@@ -3,21 +3,82 @@
 from __future__ import annotations
 
 import json
-import statistics
-import sys
+import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from .bench import CHECK_TOKENS, machine_info, measure_bandwidth, run_worker
+from .bench import machine_info, measure_bandwidth, run_worker
+from .report import plot, print_report, require_matplotlib
 
 DTYPES = ("float32", "float16", "bfloat16")
+Q_BITS = (2, 3, 4, 5, 6, 8)
+# Where the baseline's top-1 and top-2 log-probabilities are closer than this, fp32 rounding may
+# legitimately flip the greedy token: tokens are compared up to the first such position. With
+# `random_weights`, MLX and PyTorch fp32 log-probabilities of the 270M differ by ~1e-4 at most.
+MARGIN_TOL = 2e-3
+BASELINES = ("torch-reference", "mlx-openelm")
+UNIFORM = "mlx-openelm-uniform"  # other weights: its tokens are not compared
+BLAS_ENV = "MLX_OPENELM_BLAS"  # study rows: mlx-openelm with each other BLAS found here
 
 
-def uniform_twin(args):
+# ---- weights -------------------------------------------------------------------------------------
+
+
+def random_weights(model: Any, seed: int = 0) -> None:
+    """Random weights with which a random model emits varied greedy tokens with clear margins.
+
+    Like `reference.random_model` (linears N(0, 1/fan_in), residual outputs scaled by
+    1/sqrt(2 * layers), norms 1 + 0.1 N(0, 1)) with three changes, because a random model tends to
+    repeat one token under greedy decoding (MLX's default init does it every step), and then a
+    token check proves little. The residual stream carries each token's own embedding to the tied
+    head, which favours that token: embeddings at 1/4 scale (the final norm x8 keeps logits at
+    std ~2, so the argmax clears the runner-up by far more than fp32 rounding). And attention,
+    which at random averages a context that barely moves from one step to the next: its output
+    projection at half scale.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    d, n = model.args.model_dim, model.args.num_transformer_layers
+    weights = []
+    for i, (name, p) in enumerate(tree_flatten(model.parameters())):
+        key = mx.random.key(seed * 1_000_003 + i)
+        w = mx.random.normal(p.shape, key=key)
+        if "norm" in name:
+            w = (8 if name == "transformer.norm.weight" else 1) * (1 + 0.1 * w)
+        elif name.endswith(("out_proj.weight", "proj_2.weight")):
+            w = w * (d**-0.5 * (2 * n) ** -0.5) * (0.5 if "out_proj" in name else 1)
+        elif "embeddings" in name or name.startswith("lm_head"):
+            w = w * 0.25 * d**-0.5
+        else:
+            w = w * p.shape[1] ** -0.5
+        weights.append((name, w.astype(p.dtype)))
+        mx.eval(weights[-1][1])
+    model.update(tree_unflatten(weights))
+
+
+def random_folder(args: Any, folder: str | Path, seed: int = 0) -> Path:
+    """Save an fp32 MLX model folder of shape `args` with `random_weights`."""
+    import mlx.core as mx  # noqa: I001
+
+    import mlx_openelm
+
+    model = mlx_openelm.Model(args)
+    random_weights(model, seed)
+    mx.eval(model.parameters())
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mlx_openelm.save_model(folder, model, args)
+    del model
+    mx.clear_cache()  # don't hold the weights in this process while the workers run
+    return folder
+
+
+def uniform_twin(args: Any) -> Any:
     """A Llama/OLMo-like twin: every layer the same width, parameter count as close as it gets."""
     from mlx_openelm.config import ModelArgs
 
@@ -36,127 +97,256 @@ def uniform_twin(args):
     return best[1]
 
 
-def _random_folder(args, folder: Path, seed: int) -> Path:
-    import mlx_openelm
-    import mlx.core as mx  # noqa: I001
-
-    mx.random.seed(seed)
-    model = mlx_openelm.Model(args)
-    mx.eval(model.parameters())
-    folder.mkdir(parents=True, exist_ok=True)
-    mlx_openelm.save_model(folder, model, args)
-    return folder
-
-
-def weight_bytes(args, dtype: str, q_bits: int | None) -> int:
-    """Bytes read per decode step: every weight once (the tied embedding is read by the head)."""
+def weight_bytes(args: Any, dtype: str, q_bits: int | None) -> int:
+    """Weight bytes read per decode step: every weight once (the tied embedding by the head)."""
     n = args.num_parameters()
+    size = 4 if dtype == "float32" else 2
     if q_bits:
-        return int(n * (q_bits / 8 + 4 / 64))  # + an fp16 scale and bias per group of 64
-    return n * (4 if dtype == "float32" else 2)
+        return int(n * (q_bits / 8 + 2 * size / 64))  # + a scale and a bias per group of 64
+    return n * size
 
 
-def check_agreement(results: list[dict[str, Any]]) -> None:
-    """fp32 implementations must emit the same first greedy tokens; a fast wrong one can't win."""
-    by_len: dict[int, dict[str, list[int]]] = {}
-    for r in results:
-        if r["dtype"] == "float32" and "uniform" not in r["implementation"]:
-            by_len.setdefault(r["prompt_tokens"], {})[r["implementation"]] = r["tokens"]
-    for n, toks in by_len.items():
-        first = next(iter(toks.values()))
-        bad = [name for name, t in toks.items() if t != first]
-        if bad:
+def kv_bytes(args: Any, positions: float, dtype: str) -> float:
+    """KV-cache bytes read per decode step with `positions` cached."""
+    size = 4 if dtype == "float32" else 2
+    return positions * sum(2 * nkv * args.head_dim * size for nkv in args.num_kv_heads)
+
+
+# ---- the token check -----------------------------------------------------------------------------
+
+
+def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> None:
+    """Refuse rows whose fp32 greedy tokens differ from the baseline's (PyTorch, else mlx-openelm).
+
+    Tokens are compared up to the first position where the baseline's top-2 margin is below `tol`
+    (a near-tie). Each row gets `checked_tokens` (how many were compared) and `checked_against`.
+    """
+    for n in sorted({r["prompt_tokens"] for r in results}):
+        rows = {r["implementation"]: r for r in results if r["prompt_tokens"] == n}
+        rows.pop(UNIFORM, None)
+        base_name = next((b for b in BASELINES if b in rows), None)
+        if base_name is None:
+            continue
+        base = rows[base_name]
+        margins = base["check_margins"]
+        k = next((i for i, m in enumerate(margins) if m < tol), len(margins))
+        want = base["check_tokens"][:k]
+        for name, row in rows.items():
+            got = row["check_tokens"][:k]
+            if got != want:
+                i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+                raise ValueError(
+                    f"prompt {n}: {name} generated {got} but {base_name} generated {want} "
+                    f"(first difference at token {i}): refusing to compare a wrong implementation"
+                )
+            row["checked_tokens"], row["checked_against"] = k, base_name
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def parse_lengths(lengths: Sequence[int] | str) -> list[int]:
+    """[128, 512] or "128,512" -> [128, 512]."""
+    if isinstance(lengths, str):
+        try:
+            return [int(x) for x in lengths.replace(" ", "").split(",") if x]
+        except ValueError:
             raise ValueError(
-                f"prompt {n}: {', '.join(bad)} generated {[toks[b] for b in bad]} but "
-                f"{next(iter(toks))} generated {first}: refusing to compare a wrong implementation"
-            )
+                f"--prompt-tokens must be comma-separated lengths like 128,512, got {lengths!r}"
+            ) from None
+    return [int(n) for n in lengths]
+
+
+def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
+              reference_device, reference_model, trials, json_path, plot_path) -> None:  # fmt: skip
+    if sum(x is not None for x in (model, preset, config)) != 1:
+        raise ValueError("give exactly one of --model, --preset or --config")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if q_bits is not None and q_bits not in Q_BITS:
+        raise ValueError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
+    if not prompt_tokens or min(prompt_tokens) < 1:
+        raise ValueError(f"--prompt-tokens must be positive lengths, got {list(prompt_tokens)}")
+    if gen_tokens < 2:
+        raise ValueError(f"--gen-tokens must be at least 2 (decode needs two), got {gen_tokens}")
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    if reference not in ("torch", "none"):
+        raise ValueError(f"--reference must be torch or none, got {reference!r}")
+    if reference_device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--reference-device must be auto, cpu or cuda, got {reference_device!r}")
+    if reference_model is not None and reference != "torch":
+        raise ValueError(
+            "--reference-model is for the PyTorch reference: it needs --reference torch"
+        )
+    if reference == "torch" and q_bits:
+        raise ValueError(
+            "the PyTorch reference runs unquantised weights only: drop --quantize or pass "
+            "--reference none"
+        )
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{flag}: folder {Path(path).parent} does not exist")
+    if plot_path is not None:
+        require_matplotlib()
+    if reference == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
+                "(or pass --reference none)"
+            ) from None
+
+
+def _other_blas(loaded: str | None) -> list[str]:
+    """Linux CPU: the optimised BLAS libraries present here that MLX is not using now."""
+    import mlx.core as mx  # this package's import has already picked the BLAS
+
+    from mlx_openelm._blas import CANDIDATES
+
+    if mx.metal.is_available() or mx.cuda.is_available():
+        return []  # the matmuls run on the GPU
+    return [
+        name
+        for name, paths in CANDIDATES.items()
+        if not any(p == loaded for p in paths)
+        and any(Path(p).is_file() for p in paths if p.startswith("/"))
+    ]
+
+
+def _resolve(model, preset, config) -> tuple[Path | None, Any, str]:
+    """(folder or None for random weights, its ModelArgs, a name for the report)."""
+    from mlx_openelm.config import ModelArgs
+    from mlx_openelm.config import preset as preset_args
+
+    if preset is not None:
+        return None, preset_args(preset), f"preset:{preset}"
+    if config is not None:
+        return None, ModelArgs.from_file(config), f"config:{config}"
+    from mlx_openelm import hub
+
+    folder = hub.resolve(model, ["*.json", "*.safetensors"])
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: is it an MLX model folder?")
+    return folder, ModelArgs.from_file(folder / "config.json"), str(model)
 
 
 def bench(
     model: str | None = None,
     preset: str | None = None,
-    prompt_tokens: list[int] = (128, 512),
+    config: str | Path | None = None,
+    prompt_tokens: Sequence[int] | str = (128, 512),
     gen_tokens: int = 128,
     dtype: str = "float32",
     q_bits: int | None = None,
     reference: str = "torch",
     reference_device: str = "auto",
+    reference_model: str | None = None,
     mlx_lm: bool = True,
     study: bool = False,
     trials: int = 3,
-    json_path: Path | None = None,
-    plot_path: Path | None = None,
+    json_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
     seed: int = 0,
+    bandwidth_bytes: int = 2**30,
 ) -> dict[str, Any]:
-    """Time prefill and decode for mlx-openelm, mlx-lm and the PyTorch reference on the same weights."""
-    from mlx_openelm.config import ModelArgs
-    from mlx_openelm.config import preset as preset_args
+    """Time prefill and decode of mlx-openelm, mlx-lm and the PyTorch reference on the same weights.
 
-    if (model is None) == (preset is None):
-        raise ValueError("give exactly one of --model or --preset")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if gen_tokens < 2 or trials < 1 or not prompt_tokens or min(prompt_tokens) < 1:
-        raise ValueError("need --gen-tokens >= 2, --trials >= 1 and positive --prompt-tokens")
-    if reference not in ("torch", "none"):
-        raise ValueError(f"--reference must be torch or none, got {reference!r}")
+    Args:
+        model: an MLX model folder or Hub repo id; or `preset` ("270M", ...) or `config` (a
+            config.json) for random weights of that shape, which every side then loads.
+        prompt_tokens: prompt lengths (or "128,512"); each gets a row per implementation.
+        gen_tokens: tokens generated per run (greedy, batch 1, KV cache).
+        dtype: weights dtype for the timed runs; `q_bits` quantises the MLX rows too.
+        reference: "torch" adds the PyTorch reference row, "none" leaves it out.
+        reference_device: "auto" (CUDA when PyTorch sees one), "cpu" or "cuda".
+        reference_model: a Hugging Face folder for the reference (default: the same folder).
+        mlx_lm: add mlx-lm's own `openelm` row.
+        study: add the naive-RMSNorm and uniform-width rows (the paper's RMSNorm question), and
+            on Linux an mlx-openelm row per other optimised BLAS installed (MLX_OPENELM_BLAS).
+        trials: timed runs per row; the median is reported.
+        json_path, plot_path: where to write the JSON report and the PNG plot.
+        seed: random weights' seed.
+        bandwidth_bytes: array size for the bandwidth measurement behind the roofline.
+
+    Returns:
+        The report (what the JSON file holds). Raises ValueError when an fp32 check disagrees.
+    """
+    prompt_tokens = parse_lengths(prompt_tokens)
+    _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
+              reference_device, reference_model, trials, json_path, plot_path)  # fmt: skip
     console = Console(stderr=True)
+    machine = machine_info()
+    folder, args, name = _resolve(model, preset, config)
+    if max(prompt_tokens) + gen_tokens > args.max_context_length:
+        raise ValueError(
+            f"{max(prompt_tokens)} prompt + {gen_tokens} generated tokens exceed the model's "
+            f"context of {args.max_context_length}: lower --prompt-tokens or --gen-tokens"
+        )
+    if folder is not None and reference == "torch":
+        if "quantization" in json.loads((folder / "config.json").read_text()):
+            raise ValueError(
+                f"{folder} holds quantised weights, which the PyTorch reference can't run: "
+                "pass --reference none (or bench the unquantised folder)"
+            )
+    if reference_model is not None and not (Path(reference_model) / "config.json").is_file():
+        raise FileNotFoundError(f"--reference-model {reference_model} has no config.json")
     with tempfile.TemporaryDirectory(prefix="mlx-openelm-bench-") as tmp:
-        if preset is not None:
-            args = preset_args(preset)
-            console.print(f"[bold]random weights of the {preset} preset ({args.num_parameters():,} parameters)")
-            folder = _random_folder(args, Path(tmp) / "model", seed)
-        else:
-            from mlx_openelm import hub
-
-            folder = hub.resolve(model, ["*.json", "*.safetensors"])
-            args = ModelArgs.from_file(folder / "config.json")
-        too_long = max(prompt_tokens) + gen_tokens - args.max_context_length
-        if too_long > 0:
-            raise ValueError(f"prompt + generated tokens exceed the context ({args.max_context_length})")
-        quantised_source = "quantization" in json.loads((folder / "config.json").read_text())
-        common = dict(folder=str(folder), dtype=dtype, dtype_name=f"{q_bits}-bit" if q_bits else dtype,
-                      q_bits=q_bits, prompt_tokens=list(prompt_tokens), gen_tokens=gen_tokens,
-                      trials=trials, vocab_size=args.vocab_size, device=reference_device)  # fmt: skip
+        if folder is None:
+            console.print(f"random weights, {name} shape ({args.num_parameters():,} parameters)")
+            folder = random_folder(args, Path(tmp) / "model", seed)
+        common = dict(folder=str(folder), dtype=dtype, q_bits=q_bits, gen_tokens=gen_tokens,
+                      prompt_tokens=prompt_tokens, trials=trials, vocab_size=args.vocab_size,
+                      dtype_name=f"{q_bits}-bit/{dtype}" if q_bits else dtype)  # fmt: skip
         specs = [{**common, "implementation": "mlx-openelm"}]
+        if reference == "torch":
+            specs.append({**common, "implementation": "torch-reference", "device": reference_device,
+                          "folder": str(reference_model or folder), "q_bits": None})  # fmt: skip
         if mlx_lm:
             specs.append({**common, "implementation": "mlx-lm"})
         if study:
-            specs.append({**common, "implementation": "mlx-openelm-naive-rmsnorm"})
             twin = uniform_twin(args)
-            twin_folder = _random_folder(twin, Path(tmp) / "uniform", seed)
-            specs.append({**common, "implementation": "mlx-openelm-uniform", "folder": str(twin_folder)})
-        if reference == "torch":
-            if q_bits or quantised_source:
-                console.print("[yellow]no PyTorch reference for quantised weights: skipped")
-            else:
-                try:
-                    import torch  # noqa: F401
-                except ImportError:
-                    raise ImportError(
-                        "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
-                        "(or pass --reference none)"
-                    ) from None
-                specs.append({**common, "implementation": "torch-reference"})
-        results = []
+            twin_folder = random_folder(twin, Path(tmp) / "uniform", seed)
+            specs.append({**common, "implementation": "mlx-openelm-naive-rmsnorm"})
+            specs.append({**common, "implementation": UNIFORM, "folder": str(twin_folder)})
+            specs += [{**common, "implementation": f"mlx-openelm-{blas}", "env": {BLAS_ENV: blas}}
+                      for blas in _other_blas(machine["mlx_blas"])]  # fmt: skip
+        results: list[dict[str, Any]] = []
         for spec in specs:
             console.print(f"running {spec['implementation']} ...")
             results.extend(run_worker(spec))
-    check_agreement(results)
-    bandwidth = measure_bandwidth()
-    wbytes = weight_bytes(args, dtype, q_bits)
-    roofline = {
-        "bandwidth_bytes_per_s": bandwidth,
-        "weight_bytes": wbytes,
-        "decode_tps_bound": bandwidth / wbytes,
-    }
+            check_agreement(results)  # fail as soon as a row disagrees
+    backend = results[0]["backend"]
+    bandwidth = measure_bandwidth(bandwidth_bytes, on_gpu=backend != "cpu")
     report = {
-        "model": model or f"preset:{preset}",
+        "model": name,
         "parameters": args.num_parameters(),
-        "machine": machine_info(),
-        "roofline": roofline,
+        "settings": dict(
+            prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens,
+            dtype=dtype,
+            q_bits=q_bits,
+            trials=trials,
+            reference=reference,
+            seed=seed,
+            reference_device=reference_device,
+        ),  # fmt: skip
+        "machine": machine,
+        "roofline": _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results),
+        "ratios": _ratios(results),
         "results": results,
     }
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = list(os.getloadavg())
+    if study:
+        report["study"] = {
+            "uniform_twin": {
+                "parameters": twin.num_parameters(),
+                "query_heads": twin.num_query_heads,
+                "ffn_dims": twin.ffn_dims,
+            }
+        }
     print_report(report)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -165,57 +355,36 @@ def bench(
     return report
 
 
-def _ratio(results, impl_a, impl_b, key) -> str:
-    rows = {(r["implementation"], r["prompt_tokens"]): r[key] for r in results}
-    out = []
-    for n in sorted({r["prompt_tokens"] for r in results}):
-        if (impl_a, n) in rows and (impl_b, n) in rows:
-            out.append(f"{rows[(impl_a, n)] / rows[(impl_b, n)]:.2f}x @{n}")
-    return ", ".join(out)
-
-
-def print_report(report: dict[str, Any]) -> None:
-    results = report["results"]
-    table = Table(title=f"OpenELM {report['model']}: batch 1, greedy, KV cache (median)")
-    for col in ("implementation", "backend", "dtype", "prompt", "prefill tok/s", "decode tok/s", "TTFT s", "peak mem"):
-        table.add_column(col, justify="left" if col in ("implementation", "backend", "dtype") else "right")  # fmt: skip
+def _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results) -> dict[str, Any]:
+    best = max(bandwidth.values())
+    wbytes = weight_bytes(args, dtype, q_bits)
+    per_prompt = []
     for r in results:
-        table.add_row(r["implementation"], r["backend"], r["dtype"], str(r["prompt_tokens"]),
-                      f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.2f}", f"{r['ttft_s']:.3f}",
-                      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
-    console = Console()
-    console.print(table)
-    for other in ("torch-reference", "mlx-lm", "mlx-openelm-naive-rmsnorm", "mlx-openelm-uniform"):
-        for key in ("prefill_tps", "decode_tps"):
-            if line := _ratio(results, "mlx-openelm", other, key):
-                console.print(f"mlx-openelm / {other} {key.split('_')[0]}: {line}")
-    roof = report["roofline"]
-    decode = statistics.median(r["decode_tps"] for r in results if r["implementation"] == "mlx-openelm")
-    console.print(
-        f"roofline: {roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured, "
-        f"{roof['weight_bytes'] / 1e9:.2f} GB of weights per token -> {roof['decode_tps_bound']:.1f} tok/s "
-        f"bound; mlx-openelm decode reached {decode / roof['decode_tps_bound']:.0%}"
-    )
+        if r["implementation"] == "mlx-openelm":
+            n = r["prompt_tokens"]
+            step = wbytes + kv_bytes(args, n + gen_tokens / 2, dtype)
+            bound = best / step
+            per_prompt.append(
+                dict(
+                    prompt_tokens=n,
+                    bytes_per_token=int(step),
+                    decode_tps_bound=bound,
+                    mlx_openelm_decode_tps=r["decode_tps"],
+                    fraction=r["decode_tps"] / bound,
+                )
+            )
+    return {"bandwidth_bytes_per_s": best, "bandwidth_by_kernel": bandwidth,
+            "weight_bytes": wbytes, "per_prompt": per_prompt}  # fmt: skip
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: pip install matplotlib", file=sys.stderr)
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    impls = dict.fromkeys(r["implementation"] for r in report["results"])
-    for ax, key, title in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode")):
-        for impl in impls:
-            rows = sorted((r["prompt_tokens"], r[key]) for r in report["results"] if r["implementation"] == impl)
-            ax.plot(*zip(*rows), marker="o", label=impl)
-        ax.set(xlabel="prompt tokens", ylabel="tokens/s", title=title, xscale="log")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"OpenELM {report['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """mlx-openelm / each other row, per prompt length, from the same run."""
+    mine = {r["prompt_tokens"]: r for r in results if r["implementation"] == "mlx-openelm"}
+    out = []
+    for r in results:
+        m = mine.get(r["prompt_tokens"])
+        if m is not None and r is not m:
+            out.append(dict(implementation=r["implementation"], prompt_tokens=r["prompt_tokens"],
+                            prefill=m["prefill_tps"] / r["prefill_tps"],
+                            decode=m["decode_tps"] / r["decode_tps"]))  # fmt: skip
+    return out

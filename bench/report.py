@@ -1,0 +1,100 @@
+"""The bench report: a terminal table like the paper's Table 7, ratios, roofline, and a PNG plot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    # A pipe or a file gets a wide table rather than rich's 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    results, settings = report["results"], report["settings"]
+    table = Table(
+        title=f"OpenELM {report['model']} ({report['parameters'] / 1e6:.1f}M): batch 1, greedy, "
+        f"KV cache, {settings['gen_tokens']} generated, median of {settings['trials']}"
+    )
+    columns = ("implementation", "backend", "dtype", "prompt", "prefill tok/s", "decode tok/s",
+               "TTFT s", "peak memory", "peak RSS", "checked")  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="left" if col in columns[:3] else "right")
+    for r in results:
+        checked = f"{r['checked_tokens']} tok" if "checked_tokens" in r else "-"
+        table.add_row(
+            r["implementation"], r["backend"], r["dtype"], str(r["prompt_tokens"]),
+            f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.2f}", f"{r['ttft_s']:.3f}",
+            _gib(r["peak_memory_bytes"]), _gib(r["peak_rss_bytes"]), checked,
+        )  # fmt: skip
+    console.print(table)
+    console.print("peak memory: MLX allocator peak (MLX rows), process peak RSS (PyTorch on CPU)")
+    for ratio in report["ratios"]:
+        console.print(
+            f"mlx-openelm / {ratio['implementation']} @ prompt {ratio['prompt_tokens']}: "
+            f"prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x"
+        )
+    roof = report["roofline"]
+    kernels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in roof["bandwidth_by_kernel"].items())
+    console.print(
+        f"roofline: {roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read bandwidth (best of: "
+        f"{kernels} GB/s), {roof['weight_bytes'] / 1e9:.2f} GB of weights per token"
+    )
+    for p in roof["per_prompt"]:
+        console.print(
+            f"  prompt {p['prompt_tokens']}: bound {p['decode_tps_bound']:.1f} tok/s, "
+            f"mlx-openelm decode {p['mlx_openelm_decode_tps']:.2f} tok/s = {p['fraction']:.0%}"
+        )
+    machine = report["machine"]
+    if "load_average_start" in machine:
+        start = ", ".join(f"{x:.2f}" for x in machine["load_average_start"])
+        end = ", ".join(f"{x:.2f}" for x in machine.get("load_average_end", []))
+        console.print(
+            f"machine: {machine['cpu']} x{machine['cpu_count']}, MLX BLAS {machine['mlx_blas']}; "
+            f"load average at start {start}, at end {end}"
+        )
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """tok/s against prompt length, prefill and decode side by side, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    impls = dict.fromkeys((r["implementation"], r["backend"]) for r in report["results"])
+    for ax, key, title in zip(
+        axes, ("prefill_tps", "decode_tps"), ("prefill", "decode"), strict=True
+    ):
+        for impl, backend in impls:
+            rows = sorted(
+                (r["prompt_tokens"], r[key])
+                for r in report["results"]
+                if (r["implementation"], r["backend"]) == (impl, backend)
+            )
+            ax.plot(*zip(*rows, strict=True), marker="o", label=f"{impl} ({backend})")
+        ax.set(xlabel="prompt tokens", ylabel="tokens/s", title=title)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    bounds = [(p["prompt_tokens"], p["decode_tps_bound"]) for p in report["roofline"]["per_prompt"]]
+    axes[1].plot(*zip(*bounds, strict=True), "k--", label="bandwidth roofline")
+    axes[1].legend(fontsize=8)
+    s = report["settings"]
+    fig.suptitle(f"OpenELM {report['model']}, {s['dtype']}, {s['gen_tokens']} generated, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

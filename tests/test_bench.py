@@ -1,0 +1,177 @@
+"""The benchmark (`mlx-openelm bench`): end to end on a tiny model, the token check, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlx_openelm.bench import runner
+from mlx_openelm.bench.bench import run_worker
+from typer.testing import CliRunner
+
+import mlx_openelm  # noqa: F401  (picks the BLAS before mlx.core loads)
+from mlx_openelm.cli import app
+from mlx_openelm.config import ModelArgs
+
+pytest.importorskip("torch", reason="the reference row needs torch (pip install .[reference])")
+
+# Layer-wise scaling that varies at this size: 4/6/6/8 query heads, GQA 2, FFN 64..256.
+TINY = dict(
+    num_transformer_layers=4, model_dim=128, head_dim=16, vocab_size=384, num_gqa_groups=2,
+    ffn_multipliers=[0.5, 2.0], ffn_dim_divisor=32, max_context_length=256,
+)  # fmt: skip
+FIELDS = ("implementation", "backend", "dtype", "prompt_tokens", "gen_tokens", "prefill_tps",
+          "decode_tps", "peak_memory_bytes", "ttft_s", "check_tokens", "device")  # fmt: skip
+ROWS = {"mlx-openelm", "mlx-lm", "torch-reference", "mlx-openelm-naive-rmsnorm",
+        "mlx-openelm-uniform"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return runner.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "tiny", 0)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same shape, other weights."""
+    return runner.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "other", 1)
+
+
+@pytest.mark.slow
+def test_bench_all_rows_json_and_plot(tiny: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--model", str(tiny), "--prompt-tokens", "8,32", "--gen-tokens", "12",
+            "--trials", "2", "--study", "--json", str(out), "--plot", str(png)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    # --study also adds a row per other BLAS installed here (e.g. mlx-openelm-blis on Debian).
+    blas_rows = {f"mlx-openelm-{b}" for b in runner._other_blas(report["machine"]["mlx_blas"])}
+    assert {r["implementation"] for r in rows} == ROWS | blas_rows
+    assert sorted(r["prompt_tokens"] for r in rows) == sorted([8, 32] * len(ROWS | blas_rows))
+    for r in rows:
+        assert all(k in r for k in FIELDS), r.keys()
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_memory_bytes"] > 0
+        assert (r["backend"], r["dtype"], r["gen_tokens"]) == ("cpu", "float32", 12)
+        assert len(r["prefill_tps_trials"]) == 2
+        if r["implementation"] != "mlx-openelm-uniform":
+            # Every same-weights row was compared with the PyTorch reference, on real tokens.
+            assert r["checked_against"] == "torch-reference"
+            assert r["checked_tokens"] >= 6
+            assert len(set(r["check_tokens"])) >= 6  # the random weights don't repeat one token
+    assert {"mlx", "mlx-lm", "torch", "numpy"} <= set(report["machine"]["versions"])
+    assert report["machine"]["cpu"]
+    roof = report["roofline"]
+    assert roof["bandwidth_bytes_per_s"] > 1e8
+    assert roof["weight_bytes"] == ModelArgs(**TINY).num_parameters() * 4
+    assert [p["prompt_tokens"] for p in roof["per_prompt"]] == [8, 32]
+    assert {(x["implementation"], x["prompt_tokens"]) for x in report["ratios"]} == {
+        (impl, n) for impl in (ROWS | blas_rows) - {"mlx-openelm"} for n in (8, 32)
+    }
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "torch-reference" in result.output and "roofline" in result.output
+
+
+def test_bench_refuses_a_reference_that_disagrees(tiny: Path, other: Path) -> None:
+    # The reference reads other weights: a real disagreement, found by the token check.
+    with pytest.raises(ValueError, match="refusing to compare a wrong implementation"):
+        runner.bench(model=str(tiny), reference_model=str(other), prompt_tokens=[16],
+                     gen_tokens=8, trials=1, mlx_lm=False, bandwidth_bytes=2**20)  # fmt: skip
+
+
+def test_bench_preset_shape_without_reference(tmp_path: Path) -> None:
+    # --config: random weights of a shape of one's own; mlx-lm is checked against mlx-openelm.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    report = runner.bench(config=str(config), prompt_tokens="16", gen_tokens=6, trials=1,
+                          reference="none", bandwidth_bytes=2**20)  # fmt: skip
+    rows = {r["implementation"]: r for r in report["results"]}
+    assert set(rows) == {"mlx-openelm", "mlx-lm"}
+    assert rows["mlx-lm"]["checked_against"] == "mlx-openelm"
+    assert rows["mlx-lm"]["check_tokens"] == rows["mlx-openelm"]["check_tokens"]
+
+
+def _row(name: str, tokens: list[int], margins: list[float], n: int = 16) -> dict:
+    return dict(implementation=name, prompt_tokens=n, check_tokens=tokens, check_margins=margins)
+
+
+def test_check_agreement_stops_at_a_near_tie() -> None:
+    ref = _row("torch-reference", [5, 6, 7, 8], [0.3, 0.2, 1e-5, 0.4])
+    mine = _row("mlx-openelm", [5, 6, 9, 10], [0.3, 0.2, 1e-5, 0.4])
+    twin = _row("mlx-openelm-uniform", [1, 2, 3, 4], [0.3, 0.3, 0.3, 0.3])  # other weights
+    runner.check_agreement([mine, ref, twin])
+    assert mine["checked_tokens"] == 2 and mine["checked_against"] == "torch-reference"
+    assert "checked_tokens" not in twin
+    wrong = _row("mlx-lm", [5, 7, 7, 8], [0.3, 0.2, 1e-5, 0.4])
+    with pytest.raises(ValueError, match=r"mlx-lm generated .*first difference at token 1"):
+        runner.check_agreement([mine, ref, wrong])
+
+
+def test_random_weights_make_varied_tokens() -> None:
+    import mlx.core as mx
+
+    from mlx_openelm.generate import generate_step
+    from mlx_openelm.model import Model
+
+    model = Model(ModelArgs(**TINY))
+    runner.random_weights(model, seed=0)
+    prompt = mx.array(list(range(3, 35)))
+    tokens = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
+    assert len(set(tokens)) >= 16, tokens
+    # And MLX's default init, for contrast, collapses onto a few tokens.
+    mx.random.seed(0)
+    plain = Model(ModelArgs(**TINY))
+    assert len({t for t, _ in generate_step(prompt, plain, max_tokens=24)}) < len(set(tokens))
+
+
+@pytest.fixture(scope="module")
+def quantised(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Path:
+    import mlx.nn as nn
+
+    from mlx_openelm.loading import load, save_model
+
+    model, _, args = load(tiny)
+    nn.quantize(model, group_size=32, bits=4)
+    folder = tmp_path_factory.mktemp("bench") / "q4"
+    save_model(folder, model, args, quantization={"group_size": 32, "bits": 4})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "9B"], "Unknown OpenELM preset '9B'"),
+        (["--preset", "270M", "--dtype", "float64"], "--dtype must be one of"),
+        (["--preset", "270M", "--prompt-tokens", "2000"], "exceed the model's context of 2048"),
+        (["--preset", "270M", "--prompt-tokens", "12,x"], "comma-separated lengths"),
+        (["--preset", "270M", "--gen-tokens", "1"], "--gen-tokens must be at least 2"),
+        (["--preset", "270M", "-q"], "unquantised weights only"),
+        (["--preset", "270M", "--model", "x"], "exactly one of --model, --preset or --config"),
+        (["--preset", "270M", "--reference", "tf"], "--reference must be torch or none"),
+        (["--preset", "270M", "--reference-device", "tpu"], "auto, cpu or cuda"),
+        (["--preset", "270M", "--json", "/no/such/dir/x.json"], "does not exist"),
+        (["--preset", "270M", "--reference", "none", "--reference-model", "x"], "needs"),
+        (
+            ["--model", "QUANTISED", "--prompt-tokens", "16", "--gen-tokens", "8"],
+            "quantised weights, which the PyTorch reference can't run",
+        ),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(args: list[str], message: str, quantised: Path) -> None:
+    args = [str(quantised) if a == "QUANTISED" else a for a in args]
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_worker_errors_come_back_as_user_errors(tmp_path: Path) -> None:
+    spec = dict(
+        implementation="torch-reference", folder=str(tmp_path), device="cpu", dtype="float32",
+        dtype_name="float32", gen_tokens=4, prompt_tokens=[4], trials=1, vocab_size=384,
+    )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="No config.json"):
+        run_worker(spec)
