@@ -1,4 +1,4 @@
-"""The `mlx-openelm` command line: a few lines per command, each mapping options onto one library call."""
+"""The `mlx-openelm` command line: each command maps its options onto one library call."""
 
 from __future__ import annotations
 
@@ -42,9 +42,14 @@ def convert(
     source: Annotated[str, typer.Argument(help="HF folder, CoreNet .pt file, or Hub repo id")],
     out: Annotated[Path, typer.Argument(help="Output MLX model folder (must not exist)")],
     dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on a CPU), float32, float16, bfloat16")
+        str,
+        typer.Option(
+            help="auto (bfloat16 on a GPU, float32 on a CPU), float32, float16 or bfloat16"
+        ),
     ] = "auto",
-    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantise the weights")] = False,
+    quantize: Annotated[
+        bool, typer.Option("--quantize", "-q", help="Quantise the weights")
+    ] = False,
     q_bits: Annotated[int, typer.Option(help="Bits per weight when quantising (2-6 or 8)")] = 4,
     q_group_size: Annotated[int, typer.Option(help="Quantisation group size (32, 64, 128)")] = 64,
     config_yaml: Annotated[
@@ -68,7 +73,7 @@ def convert(
         ),
     ] = "auto",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT if it exists (once the new one is done)")
+        bool, typer.Option("--overwrite", help="Replace OUT once the new folder is complete")
     ] = False,
 ) -> None:
     """Convert a PyTorch OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""

@@ -85,7 +85,8 @@ def load(
     Returns:
         (model, tokenizer, config); tokenizer is None when the folder has none.
     """
-    folder = hub.resolve(path, allow_patterns=["*.json", "*.jinja", "*.safetensors", "tokenizer.model"])
+    patterns = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+    folder = hub.resolve(path, allow_patterns=patterns)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: is it an MLX model folder?")
     args = load_config(folder)  # validates model_type and shapes with a clear message
