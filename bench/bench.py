@@ -1,12 +1,12 @@
 """Prefill and decode timing of one implementation, in its own process, plus machine facts.
 
 Each implementation runs in a fresh interpreter (`python -m mlx_openelm.bench.bench worker SPEC`),
-so that its peak memory is its own, torch and MLX never share a process, and BLAS set-up is the same
-for every run. Protocol for every side: batch 1, greedy, KV cache. First an untimed fp32 check run
-per prompt length (its tokens and top-2 margins are what `runner.check_agreement` compares), then
-the weights are cast to the timed dtype, a warm-up, and `trials` timed runs per prompt length whose
-median is reported. Prefill tok/s = prompt tokens / time to first token; decode tok/s = (gen - 1) /
-time from the first token to the last.
+so that its peak memory is its own and torch and MLX never share a process (nor MLX's BLAS preload,
+which would slow torch down). Protocol for every side: batch 1, greedy, KV cache. First an untimed
+fp32 check run per prompt length (its tokens and top-2 margins are what `runner.check_agreement`
+compares), then the weights are cast to the timed dtype, a warm-up, and `trials` timed runs per
+prompt length whose median is reported. Prefill tok/s = prompt tokens / time to first token;
+decode tok/s = (gen - 1) / time from the first token to the last.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -26,9 +27,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_CHECK_TOKENS = 32  # generated tokens compared between implementations
-
-# run(prompt ids, tokens to generate, check) -> (time to first token, decode time, tokens, margins)
-RunFn = Callable[[list[int], int, bool], tuple[float, float, list[int], list[float]]]
+BLAS_ENV = "MLX_OPENELM_BLAS"  # see mlx_openelm/_blas.py
 
 
 @dataclass
@@ -51,6 +50,7 @@ class Result:
     check_tokens: list[int]  # greedy tokens of the fp32 check run
     check_margins: list[float]  # top-1 minus top-2 log-probability at each of them
     threads: int | None
+    blas: str | None
 
 
 def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -115,6 +115,7 @@ class MLXRunner:
             self.backend = "cpu"
         self.device = mx.device_info().get("device_name", self.backend)
         self.threads = None
+        self.blas = mlx_openelm._blas.loaded
 
     def cast(self, dtype: str, q_bits: int | None) -> None:
         import mlx.nn as nn
@@ -159,6 +160,8 @@ class TorchRunner:
         self.torch, self.dev = torch, device
         self.model = OpenELM.from_pretrained(folder, dtype=torch.float32, device=device)
         self.cuda = device == "cuda"
+        blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+        self.blas = f"torch {blas.group(1)}" if blas else None
         self.backend = device
         if self.cuda:
             self.device = torch.cuda.get_device_name()
@@ -184,7 +187,8 @@ class TorchRunner:
                 return logits.argmax()
 
             t0 = time.perf_counter()
-            token = pick(self.model(torch.tensor([prompt], device=self.dev), cache=cache)[0, -1])
+            ids = torch.tensor([prompt], device=self.dev)
+            token = pick(self.model(ids, cache=cache, logits_to_keep=1)[0, -1])
             tokens.append(int(token))  # int() waits for the device
             t1 = time.perf_counter()
             for _ in range(gen - 1):
@@ -248,6 +252,7 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
             check_tokens=check_tokens,
             check_margins=[round(m, 6) for m in margins],
             threads=runner.threads,
+            blas=runner.blas,
         )
         results.append(asdict(result))
         print(
@@ -266,6 +271,10 @@ _USER_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, ImportErr
 def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Run one implementation in a fresh interpreter, echoing its progress lines to stderr."""
     env = {**os.environ, **spec.get("env", {})}
+    if spec["implementation"] == "torch-reference":
+        # Importing mlx_openelm preloads a BLAS globally; torch's own MKL calls would then bind to
+        # it (measured: prefill 4.7x, decode 3x slower), so the reference process never does.
+        env[BLAS_ENV] = "none"
     with tempfile.TemporaryDirectory(prefix="mlx-openelm-worker-") as tmp:
         answer_path = Path(tmp) / "answer.json"
         cmd = [sys.executable, "-m", "mlx_openelm.bench.bench", "worker", json.dumps(spec)]

@@ -250,7 +250,11 @@ class OpenELM(nn.Module):
             cached = self._rope_tables[device] = (emb.cos(), emb.sin())
         return cached
 
-    def forward(self, input_ids: torch.LongTensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.LongTensor, cache: KVCache | None = None, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Logits (B, L, vocab); only the last `logits_to_keep` positions' when it is > 0 (as in
+        HF's newer models: generation needs only the last, and the head is 1/5 of the 270M)."""
         L = input_ids.shape[1]
         offset = cache.offset if cache is not None else 0
         cos, sin = self._rope_table(input_ids.device, offset + L)
@@ -258,7 +262,7 @@ class OpenELM(nn.Module):
         h = self.transformer.token_embeddings(input_ids)
         for layer in self.transformer.layers:
             h = layer(h, cos, sin, cache)
-        h = self.transformer.norm(h)
+        h = self.transformer.norm(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.offset += L
         if self.config["share_input_output_layers"]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .bench import machine_info, measure_bandwidth, run_worker
+from .bench import BLAS_ENV, machine_info, measure_bandwidth, run_worker
 from .report import plot, print_report, require_matplotlib
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -22,7 +22,6 @@ Q_BITS = (2, 3, 4, 5, 6, 8)
 MARGIN_TOL = 2e-3
 BASELINES = ("torch-reference", "mlx-openelm")
 UNIFORM = "mlx-openelm-uniform"  # other weights: its tokens are not compared
-BLAS_ENV = "MLX_OPENELM_BLAS"  # study rows: mlx-openelm with each other BLAS found here
 
 
 # ---- weights -------------------------------------------------------------------------------------
