@@ -41,13 +41,14 @@ class Result:
     prefill_tps: float
     decode_tps: float
     ttft_s: float
+    ttft_s_trials: list[float]
     peak_memory_bytes: int
     peak_memory_kind: str
     peak_rss_bytes: int | None
     trials: int
     prefill_tps_trials: list[float]
     decode_tps_trials: list[float]
-    check_tokens: list[int]  # greedy tokens of the fp32 check run
+    check_tokens: list[int]  # greedy tokens of the fp32 check run (none when spec["check"] is off)
     check_margins: list[float]  # top-1 minus top-2 log-probability at each of them
     threads: int | None
     blas: str | None
@@ -216,12 +217,16 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     gen, vocab = spec["gen_tokens"], spec["vocab_size"]
     lengths = spec["prompt_tokens"]
     runner.run(prompt_ids(16, vocab), 4)  # warm-up
-    n_check = min(gen, MAX_CHECK_TOKENS)
-    checks = {n: runner.run(prompt_ids(n, vocab), n_check, True) for n in lengths}
-    if spec["dtype"] != "float32" or spec.get("q_bits"):
+    checks = {}
+    if spec.get("check", True):
+        n_check = min(gen, MAX_CHECK_TOKENS)
+        checks = {n: runner.run(prompt_ids(n, vocab), n_check, True) for n in lengths}
+    cast = spec["dtype"] != "float32" or bool(spec.get("q_bits"))
+    if cast:
         runner.cast(spec["dtype"], spec.get("q_bits"))
         runner.run(prompt_ids(16, vocab), 4)
-        for n in lengths:  # warm this dtype's kernels at every length
+    if cast or not checks:  # else the fp32 check runs have warmed every length
+        for n in lengths:
             runner.run(prompt_ids(n, vocab), 4)
     results = []
     for n in lengths:
@@ -232,7 +237,7 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
         mem, kind = runner.peak()
         prefill = [n / t for t, _, _, _ in trials]
         decode = [(gen - 1) / d for _, d, _, _ in trials]
-        _, _, check_tokens, margins = checks[n]
+        _, _, check_tokens, margins = checks.get(n, (0, 0, [], []))
         result = Result(
             implementation=impl,
             backend=runner.backend,
@@ -243,6 +248,7 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
             prefill_tps=statistics.median(prefill),
             decode_tps=statistics.median(decode),
             ttft_s=statistics.median(t for t, _, _, _ in trials),
+            ttft_s_trials=[t for t, _, _, _ in trials],
             peak_memory_bytes=int(mem),
             peak_memory_kind=kind,
             peak_rss_bytes=peak_rss() if rss_ok else None,

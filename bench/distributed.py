@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlx_openelm._blas import thread_env
+
 MODEL = dict(
     num_transformer_layers=4, model_dim=128, head_dim=32, vocab_size=512,
     ffn_dim_divisor=32, max_context_length=512,
@@ -116,7 +118,7 @@ def run(
         if batch % n:
             raise ValueError(f"--batch {batch} is not divisible by {n} ranks")
         per_rank = threads or max(1, cores // n)  # local ranks share the cores
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(per_rank)}
+        env = {**os.environ, **thread_env(per_rank)}
         for mode in ("full", "lora"):
             worker = ["-m", "mlx_openelm.bench.distributed", "worker", mode, str(steps),
                       str(batch), str(seq), str(allreduce_mb)]  # fmt: skip

@@ -21,6 +21,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table = Table(
         title=f"OpenELM {report['model']} ({report['parameters'] / 1e6:.1f}M): batch 1, greedy, "
         f"KV cache, {settings['gen_tokens']} generated, median of {settings['trials']}"
+        + (" (interleaved rounds)" if settings.get("interleave") else "")
     )
     columns = ("implementation", "backend", "dtype", "prompt", "prefill tok/s", "decode tok/s",
                "TTFT s", "peak memory", "peak RSS", "checked")  # fmt: skip

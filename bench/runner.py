@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from .bench import BLAS_ENV, machine_info, measure_bandwidth, run_worker
 from .report import plot, print_report, require_matplotlib
+from .weights import random_folder, uniform_twin
 
 DTYPES = ("float32", "float16", "bfloat16")
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -24,76 +26,7 @@ BASELINES = ("torch-reference", "mlx-openelm")
 UNIFORM = "mlx-openelm-uniform"  # other weights: its tokens are not compared
 
 
-# ---- weights -------------------------------------------------------------------------------------
-
-
-def random_weights(model: Any, seed: int = 0) -> None:
-    """Random weights with which a random model emits varied greedy tokens with clear margins.
-
-    Like `reference.random_model` (linears N(0, 1/fan_in), residual outputs scaled by
-    1/sqrt(2 * layers), norms 1 + 0.1 N(0, 1)) with three changes, because a random model tends to
-    repeat one token under greedy decoding (MLX's default init does it every step), and then a
-    token check proves little. The residual stream carries each token's own embedding to the tied
-    head, which favours that token: embeddings at 1/4 scale (the final norm x8 keeps logits at
-    std ~2, so the argmax clears the runner-up by far more than fp32 rounding). And attention,
-    which at random averages a context that barely moves from one step to the next: its output
-    projection at half scale.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    d, n = model.args.model_dim, model.args.num_transformer_layers
-    weights = []
-    for i, (name, p) in enumerate(tree_flatten(model.parameters())):
-        key = mx.random.key(seed * 1_000_003 + i)
-        w = mx.random.normal(p.shape, key=key)
-        if "norm" in name:
-            w = (8 if name == "transformer.norm.weight" else 1) * (1 + 0.1 * w)
-        elif name.endswith(("out_proj.weight", "proj_2.weight")):
-            w = w * (d**-0.5 * (2 * n) ** -0.5) * (0.5 if "out_proj" in name else 1)
-        elif "embeddings" in name or name.startswith("lm_head"):
-            w = w * 0.25 * d**-0.5
-        else:
-            w = w * p.shape[1] ** -0.5
-        weights.append((name, w.astype(p.dtype)))
-        mx.eval(weights[-1][1])
-    model.update(tree_unflatten(weights))
-
-
-def random_folder(args: Any, folder: str | Path, seed: int = 0) -> Path:
-    """Save an fp32 MLX model folder of shape `args` with `random_weights`."""
-    import mlx.core as mx  # noqa: I001
-
-    import mlx_openelm
-
-    model = mlx_openelm.Model(args)
-    random_weights(model, seed)
-    mx.eval(model.parameters())
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mlx_openelm.save_model(folder, model, args)
-    del model
-    mx.clear_cache()  # don't hold the weights in this process while the workers run
-    return folder
-
-
-def uniform_twin(args: Any) -> Any:
-    """A Llama/OLMo-like twin: every layer the same width, parameter count as close as it gets."""
-    from mlx_openelm.config import ModelArgs
-
-    base = args.to_dict()
-    q_mid = sum(args.qkv_multipliers) / len(args.qkv_multipliers)
-    best = None
-    for k in range(1, 64):
-        ffn = k * args.ffn_dim_divisor / args.model_dim
-        cand = ModelArgs.from_dict(
-            {**base, "num_query_heads": None, "num_kv_heads": None,
-             "qkv_multipliers": q_mid, "ffn_multipliers": ffn}
-        )  # fmt: skip
-        gap = abs(cand.num_parameters() - args.num_parameters())
-        if best is None or gap < best[0]:
-            best = (gap, cand)
-    return best[1]
+# ---- roofline ------------------------------------------------------------------------------------
 
 
 def weight_bytes(args: Any, dtype: str, q_bits: int | None) -> int:
@@ -139,6 +72,25 @@ def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> N
                     f"(first difference at token {i}): refusing to compare a wrong implementation"
                 )
             row["checked_tokens"], row["checked_against"] = k, base_name
+
+
+def merge_trials(merged: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Fold one round's rows into `merged` (keyed by implementation and prompt length): trials
+    are pooled and the medians recomputed; peak memory is the highest seen; the check is round 1's.
+    """
+    for row in rows:
+        key = (row["implementation"], row["prompt_tokens"])
+        if key not in merged:
+            merged[key] = row
+            continue
+        m = merged[key]
+        for name in ("prefill_tps", "decode_tps", "ttft_s"):
+            m[f"{name}_trials"] += row[f"{name}_trials"]
+            m[name] = statistics.median(m[f"{name}_trials"])
+        m["trials"] = len(m["prefill_tps_trials"])
+        m["peak_memory_bytes"] = max(m["peak_memory_bytes"], row["peak_memory_bytes"])
+        rss = [x for x in (m["peak_rss_bytes"], row["peak_rss_bytes"]) if x is not None]
+        m["peak_rss_bytes"] = max(rss) if rss else None
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -245,6 +197,7 @@ def bench(
     mlx_lm: bool = True,
     study: bool = False,
     trials: int = 3,
+    interleave: bool = True,
     json_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     seed: int = 0,
@@ -265,6 +218,8 @@ def bench(
         study: add the naive-RMSNorm and uniform-width rows (the paper's RMSNorm question), and
             on Linux an mlx-openelm row per other optimised BLAS installed (MLX_OPENELM_BLAS).
         trials: timed runs per row; the median is reported.
+        interleave: run the trials in rounds, one per row per round (a fresh process each), so
+            that a busy spell on a shared machine hits every row alike rather than one.
         json_path, plot_path: where to write the JSON report and the PNG plot.
         seed: random weights' seed.
         bandwidth_bytes: array size for the bandwidth measurement behind the roofline.
@@ -296,7 +251,7 @@ def bench(
             console.print(f"random weights, {name} shape ({args.num_parameters():,} parameters)")
             folder = random_folder(args, Path(tmp) / "model", seed)
         common = dict(folder=str(folder), dtype=dtype, q_bits=q_bits, gen_tokens=gen_tokens,
-                      prompt_tokens=prompt_tokens, trials=trials, vocab_size=args.vocab_size,
+                      prompt_tokens=prompt_tokens, vocab_size=args.vocab_size,
                       dtype_name=f"{q_bits}-bit/{dtype}" if q_bits else dtype)  # fmt: skip
         specs = [{**common, "implementation": "mlx-openelm"}]
         if reference == "torch":
@@ -311,11 +266,7 @@ def bench(
             specs.append({**common, "implementation": UNIFORM, "folder": str(twin_folder)})
             specs += [{**common, "implementation": f"mlx-openelm-{blas}", "env": {BLAS_ENV: blas}}
                       for blas in _other_blas(machine["mlx_blas"])]  # fmt: skip
-        results: list[dict[str, Any]] = []
-        for spec in specs:
-            console.print(f"running {spec['implementation']} ...")
-            results.extend(run_worker(spec))
-            check_agreement(results)  # fail as soon as a row disagrees
+        results = _run_rounds(specs, trials, interleave, console)
     backend = results[0]["backend"]
     bandwidth = measure_bandwidth(bandwidth_bytes, on_gpu=backend != "cpu")
     report = {
@@ -327,10 +278,11 @@ def bench(
             dtype=dtype,
             q_bits=q_bits,
             trials=trials,
+            interleave=interleave,
             reference=reference,
-            seed=seed,
             reference_device=reference_device,
-        ),  # fmt: skip
+            seed=seed,
+        ),
         "machine": machine,
         "roofline": _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results),
         "ratios": _ratios(results),
@@ -352,6 +304,19 @@ def bench(
     if plot_path:
         plot(report, Path(plot_path))
     return report
+
+
+def _run_rounds(specs, trials: int, interleave: bool, console: Console) -> list[dict[str, Any]]:
+    rounds, per_round = (trials, 1) if interleave else (1, trials)
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in range(rounds):
+        # Round r starts at the r-th row, so no row always runs first or last.
+        for spec in specs[r % len(specs) :] + specs[: r % len(specs)]:
+            console.print(f"round {r + 1}/{rounds}: {spec['implementation']} ...")
+            merge_trials(merged, run_worker({**spec, "trials": per_round, "check": r == 0}))
+            if r == 0:
+                check_agreement(list(merged.values()))  # fail as soon as a row disagrees
+    return list(merged.values())
 
 
 def _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results) -> dict[str, Any]:

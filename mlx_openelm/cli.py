@@ -331,6 +331,10 @@ def bench(
         bool, typer.Option("--study", help="Add naive-RMSNorm and uniform-width rows")
     ] = False,
     trials: Annotated[int, typer.Option(help="Timed runs per row (the median is reported)")] = 3,
+    interleave: Annotated[
+        bool,
+        typer.Option(help="One trial per row per round, so machine load hits all rows alike"),
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of tok/s here")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
@@ -342,7 +346,8 @@ def bench(
         run_bench, model=model, preset=preset, config=config, prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens, dtype=dtype, q_bits=q_bits if quantize else None,
         reference=reference, reference_device=reference_device, reference_model=reference_model,
-        mlx_lm=mlx_lm, study=study, trials=trials, json_path=json_out, plot_path=plot, seed=seed,
+        mlx_lm=mlx_lm, study=study, trials=trials, interleave=interleave, json_path=json_out,
+        plot_path=plot, seed=seed,
     )  # fmt: skip
 
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from mlx_openelm.bench import runner
+from mlx_openelm.bench import runner, weights
 from mlx_openelm.bench.bench import run_worker
 from typer.testing import CliRunner
 
-import mlx_openelm  # noqa: F401  (picks the BLAS before mlx.core loads)
 from mlx_openelm.cli import app
 from mlx_openelm.config import ModelArgs
 
@@ -29,13 +28,13 @@ ROWS = {"mlx-openelm", "mlx-lm", "torch-reference", "mlx-openelm-naive-rmsnorm",
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return runner.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "tiny", 0)
+    return weights.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "tiny", 0)
 
 
 @pytest.fixture(scope="module")
 def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same shape, other weights."""
-    return runner.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "other", 1)
+    return weights.random_folder(ModelArgs(**TINY), tmp_path_factory.mktemp("bench") / "other", 1)
 
 
 @pytest.mark.slow
@@ -117,7 +116,7 @@ def test_random_weights_make_varied_tokens() -> None:
     from mlx_openelm.model import Model
 
     model = Model(ModelArgs(**TINY))
-    runner.random_weights(model, seed=0)
+    weights.random_weights(model, seed=0)
     prompt = mx.array(list(range(3, 35)))
     tokens = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
     assert len(set(tokens)) >= 16, tokens
@@ -175,3 +174,34 @@ def test_worker_errors_come_back_as_user_errors(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(FileNotFoundError, match="No config.json"):
         run_worker(spec)
+
+
+def test_reference_keeps_only_the_last_logits() -> None:
+    # The PyTorch side of the bench computes only the logits it samples from, as MLX does.
+    import torch
+    from mlx_openelm.bench.reference import KVCache, random_model
+
+    model = random_model(TINY, seed=0)
+    ids = torch.randint(3, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, cache=KVCache())
+        cache = KVCache()
+        last = model(ids, cache=cache, logits_to_keep=1)
+    assert last.shape == (1, 1, TINY["vocab_size"]) and cache.offset == 9
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_trials_pools_rounds() -> None:
+    def row(prefill: float, decode: float, mem: int, check: list[int]) -> dict:
+        return dict(implementation="mlx-openelm", prompt_tokens=16, prefill_tps=prefill,
+                    decode_tps=decode, ttft_s=16 / prefill, prefill_tps_trials=[prefill],
+                    decode_tps_trials=[decode], ttft_s_trials=[16 / prefill], trials=1,
+                    peak_memory_bytes=mem, peak_rss_bytes=None, check_tokens=check)  # fmt: skip
+
+    merged: dict = {}
+    for r, (prefill, decode, mem) in enumerate([(100, 9, 5), (50, 3, 7), (200, 10, 6)]):
+        runner.merge_trials(merged, [row(prefill, decode, mem, [1, 2] if r == 0 else [])])
+    (m,) = merged.values()
+    assert (m["trials"], m["prefill_tps"], m["decode_tps"], m["ttft_s"]) == (3, 100, 9, 0.16)
+    assert m["prefill_tps_trials"] == [100, 50, 200] and m["peak_memory_bytes"] == 7
+    assert m["check_tokens"] == [1, 2]  # the check comes from the first round

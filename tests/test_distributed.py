@@ -25,6 +25,7 @@ import pytest
 from conftest import make_model_folder, tiny_args
 from typer.testing import CliRunner
 
+from mlx_openelm._blas import thread_env
 from mlx_openelm.cli import app
 from mlx_openelm.train import distributed
 from mlx_openelm.train.checkpoint import latest_checkpoint
@@ -43,7 +44,7 @@ STATE = "checkpoints/step_0000004/state.json"
 # lr 1e-3 (weights up to ~0.5): measured 3.8e-6 (AdamW magnifies noise on near-zero gradients).
 ATOL_LORA, ATOL_PRETRAIN = 1e-5, 2e-5
 # One BLAS thread per rank: two ranks share this machine's cores.
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, **thread_env(1), "PYTHONUNBUFFERED": "1"}
 
 
 def free_ports(n: int) -> int:
