@@ -93,9 +93,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     bounds = [(p["prompt_tokens"], p["decode_tps_bound"]) for p in report["roofline"]["per_prompt"]]
     axes[1].plot(*zip(*bounds, strict=True), "k--", label="bandwidth roofline")
-    axes[1].legend(fontsize=8)
+    # One legend for both panels, beside them, so no line hides under it.
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1, 0.5),
+               fontsize=8)  # fmt: skip
     s = report["settings"]
     fig.suptitle(f"OpenELM {report['model']}, {s['dtype']}, {s['gen_tokens']} generated, batch 1")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,208 @@
+"""Where MLX spends a prefill and a decode step, by kind of operation.
+
+`mlx-openelm bench` says how fast; this says why. It times each operation kind inside the real
+forward pass (matmuls, attention, RMSNorm, RoPE, SiLU gate) by evaluating around it, and puts the
+results next to two machine facts that bound them: the bandwidth of one-row products over all the
+model's weights (what a decode step must stream), and the cost of `exp` per element in MLX, numpy
+and (when installed) PyTorch, since attention's softmax and the SiLU gate are exp-bound.
+
+    python -m mlx_openelm.bench.profile --preset 270M --prompt-tokens 512
+
+Evaluating around every operation stops MLX from overlapping them, so the kinds add up to more than
+the plain pass; the plain pass is printed too. Run it on a quiet machine: the figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx  # this module's package, imported first, has picked the BLAS
+import mlx.nn as nn
+
+import mlx_openelm
+from mlx_openelm import model as model_module
+
+EXP_ELEMENTS = 2**22
+
+
+def _median(fn: Callable[[], Any], trials: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@contextmanager
+def timed_ops(totals: dict[str, float]) -> Iterator[None]:
+    """Patch the model's building blocks so each call is evaluated and timed into `totals`."""
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            mx.eval([a for a in args if isinstance(a, mx.array)])
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            mx.eval(out)
+            totals[name] += time.perf_counter() - t
+            return out
+
+        return run
+
+    patches = [
+        (nn.Linear, "__call__", "matmul"),
+        (nn.Embedding, "as_linear", "matmul"),  # the tied output head
+        (nn.RMSNorm, "__call__", "RMSNorm"),
+        (model_module.NaiveRMSNorm, "__call__", "RMSNorm"),
+        (nn.RoPE, "__call__", "RoPE"),
+        (model_module, "scaled_dot_product_attention", "attention"),
+        (nn, "silu", "SiLU gate"),
+    ]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    try:
+        for owner, attr, name in patches:
+            setattr(owner, attr, wrap(name, getattr(owner, attr)))
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def _prefill(model: Any, ids: mx.array) -> Callable[[], None]:
+    from mlx_openelm.generate import make_prompt_cache
+
+    def run() -> None:
+        cache = make_prompt_cache(model)
+        model(ids[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+    return run
+
+
+def _decode(model: Any, context: int, vocab: int) -> Callable[[], None]:
+    """One decode step after `context` tokens (the cache is rebuilt, untimed, once)."""
+    from mlx_openelm.generate import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.arange(context)[None] % vocab, cache=cache)
+    mx.eval([c.state for c in cache])
+    token = mx.array([[1]])
+
+    def run() -> None:
+        # Trim back to `context` so every timed step sees the same cache length.
+        for c in cache:
+            c.offset = context
+        logits = model(token, cache=cache)[:, -1]
+        mx.eval(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1))
+
+    return run
+
+
+def breakdown(run: Callable[[], None], trials: int) -> dict[str, float]:
+    """Seconds per pass: `total` plain, and each operation kind with `other` the rest."""
+    plain = _median(run, trials)
+    per_trial: list[dict[str, float]] = []
+    for _ in range(trials + 1):  # the first is a warm-up
+        totals: dict[str, float] = defaultdict(float)
+        with timed_ops(totals):
+            t = time.perf_counter()
+            run()
+            totals["synced total"] = time.perf_counter() - t
+        per_trial.append(totals)
+    keys = per_trial[-1].keys()
+    out = {k: statistics.median(t[k] for t in per_trial[1:]) for k in keys}
+    out["other"] = out["synced total"] - sum(v for k, v in out.items() if k != "synced total")
+    out["total"] = plain
+    return out
+
+
+def weight_stream(model: Any, trials: int) -> tuple[float, int]:
+    """(seconds, bytes) for one-row products with every 2-D weight, all in one graph: a decode
+    step's matmuls with nothing else."""
+    from mlx.utils import tree_flatten
+
+    weights = [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
+    rows = {w.shape[1]: mx.random.normal((1, w.shape[1])) for w in weights}
+    mx.eval(list(rows.values()))
+    seconds = _median(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)
+    return seconds, sum(w.nbytes for w in weights)
+
+
+def exp_cost(trials: int) -> dict[str, float]:
+    """Nanoseconds per element of exp on 4M fp32 values: MLX, numpy, PyTorch (if installed)."""
+    import numpy as np
+
+    x = mx.random.normal((EXP_ELEMENTS,))
+    mx.eval(x)
+    out = {"mlx": _median(lambda: mx.eval(mx.exp(x)), trials)}
+    xn = np.asarray(x)
+    out["numpy"] = _median(lambda: np.exp(xn), trials)
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        xt = torch.from_numpy(xn)
+        out[f"torch ({torch.get_num_threads()} threads)"] = _median(lambda: torch.exp(xt), trials)
+    return {k: v / EXP_ELEMENTS * 1e9 for k, v in out.items()}
+
+
+def profile(args: Any, prompt_tokens: int = 512, trials: int = 3) -> dict[str, Any]:
+    """Profile a model of shape `args` (random weights: the timing does not depend on them)."""
+    model = mlx_openelm.Model(args)
+    mx.eval(model.parameters())
+    ids = mx.arange(prompt_tokens) % args.vocab_size
+    seconds, nbytes = weight_stream(model, trials)
+    return {
+        "prefill": breakdown(_prefill(model, ids), trials),
+        "decode": breakdown(_decode(model, prompt_tokens, args.vocab_size), trials),
+        "weight_stream": {"seconds": seconds, "bytes": nbytes, "bytes_per_s": nbytes / seconds},
+        "exp_ns_per_element": exp_cost(trials),
+        "prompt_tokens": prompt_tokens,
+        "blas": mlx_openelm._blas.loaded,
+        "device": str(mx.default_device()),
+    }
+
+
+def print_profile(report: dict[str, Any]) -> None:
+    n = report["prompt_tokens"]
+    print(f"device {report['device']}, BLAS {report['blas']}")
+    for phase, label in (("prefill", f"prefill of {n} tokens"), ("decode", f"decode step at {n}")):
+        r = report[phase]
+        synced = r["synced total"]
+        print(f"\n{label}: {r['total'] * 1e3:.1f} ms plain, {synced * 1e3:.1f} ms evaluated per op")
+        for k, v in sorted(r.items(), key=lambda kv: -kv[1]):
+            if k not in ("total", "synced total"):
+                print(f"  {k:<10} {v * 1e3:8.1f} ms  {100 * v / synced:5.1f}%")
+    w = report["weight_stream"]
+    print(
+        f"\none-row products over all {w['bytes'] / 1e9:.2f} GB of weights, nothing else: "
+        f"{w['seconds'] * 1e3:.1f} ms ({w['bytes_per_s'] / 1e9:.1f} GB/s)"
+    )
+    costs = ", ".join(f"{k} {v:.2f}" for k, v in report["exp_ns_per_element"].items())
+    print(f"exp, ns per fp32 element: {costs}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mlx_openelm.config import ModelArgs, preset
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="270M", help="270M, 450M, 1_1B or 3B")
+    g.add_argument("--config", help="a config.json of your own shape")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--trials", type=int, default=3)
+    a = p.parse_args(argv)
+    args = ModelArgs.from_file(a.config) if a.config else preset(a.preset)
+    print_profile(profile(args, a.prompt_tokens, a.trials))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The profiler behind the benchmark's explanations: its breakdown must account for the pass."""
+
+from __future__ import annotations
+
+import mlx.core as mx  # noqa: I001  (conftest imports mlx_openelm first, which picks the BLAS)
+import mlx.nn as nn
+from mlx_openelm.bench import profile
+
+from mlx_openelm import model as model_module
+from mlx_openelm.config import ModelArgs
+
+TINY = dict(num_transformer_layers=3, model_dim=64, head_dim=16, vocab_size=300,
+            ffn_dim_divisor=16, max_context_length=128)  # fmt: skip
+
+
+def test_breakdown_covers_every_kind_and_adds_up() -> None:
+    report = profile.profile(ModelArgs(**TINY), prompt_tokens=24, trials=1)
+    for phase in ("prefill", "decode"):
+        r = report[phase]
+        kinds = {"matmul", "attention", "RMSNorm", "RoPE", "SiLU gate"}
+        assert kinds <= r.keys(), r
+        assert all(r[k] > 0 for k in kinds | {"total", "synced total"}), r
+        parts = sum(v for k, v in r.items() if k not in ("total", "synced total", "other"))
+        assert parts <= r["synced total"] * 1.001 and r["other"] >= -1e-6
+    w = report["weight_stream"]
+    assert w["bytes"] == sum(p.nbytes for p in _weights(TINY)) and w["bytes_per_s"] > 0
+    assert {"mlx", "numpy"} <= report["exp_ns_per_element"].keys()
+
+
+def test_patches_are_undone() -> None:
+    before = (nn.Linear.__call__, nn.silu, model_module.scaled_dot_product_attention)
+    totals: dict = {}
+    try:
+        with profile.timed_ops(totals):
+            assert nn.Linear.__call__ is not before[0]
+            raise RuntimeError("stop")
+    except RuntimeError:
+        pass
+    assert (nn.Linear.__call__, nn.silu, model_module.scaled_dot_product_attention) == before
+
+
+def _weights(shape: dict) -> list[mx.array]:
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.model import Model
+
+    model = Model(ModelArgs(**shape))
+    return [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
