@@ -316,7 +316,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _median_time(fn: Callable[[], Any], trials: int) -> float:
+def median_time(fn: Callable[[], Any], trials: int) -> float:
+    """Median seconds of `trials` calls after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(trials):
@@ -342,15 +343,15 @@ def measure_bandwidth(
     out = {}
     x = mx.ones((n,), dtype=mx.float32)
     mx.eval(x)
-    out["mlx sum"] = nbytes / _median_time(lambda: mx.eval(x.sum()), trials)
+    out["mlx sum"] = nbytes / median_time(lambda: mx.eval(x.sum()), trials)
     x = None  # free it before numpy allocates its own
     if not on_gpu:
         import numpy as np
 
         a = np.ones((1024, n // 1024), dtype=np.float32)
         v = np.ones(n // 1024, dtype=np.float32)
-        out["numpy sum"] = nbytes / _median_time(lambda: a.sum(), trials)
-        out["numpy gemv"] = nbytes / _median_time(lambda: a @ v, trials)  # multi-threaded BLAS
+        out["numpy sum"] = nbytes / median_time(lambda: a.sum(), trials)
+        out["numpy gemv"] = nbytes / median_time(lambda: a @ v, trials)  # multi-threaded BLAS
     return out
 
 

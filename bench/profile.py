@@ -28,17 +28,9 @@ import mlx.nn as nn
 import mlx_openelm
 from mlx_openelm import model as model_module
 
+from .bench import median_time
+
 EXP_ELEMENTS = 2**22
-
-
-def _median(fn: Callable[[], Any], trials: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(trials):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 @contextmanager
@@ -107,7 +99,7 @@ def _decode(model: Any, context: int, vocab: int) -> Callable[[], None]:
 
 def breakdown(run: Callable[[], None], trials: int) -> dict[str, float]:
     """Seconds per pass: `total` plain, and each operation kind with `other` the rest."""
-    plain = _median(run, trials)
+    plain = median_time(run, trials)
     per_trial: list[dict[str, float]] = []
     for _ in range(trials + 1):  # the first is a warm-up
         totals: dict[str, float] = defaultdict(float)
@@ -131,7 +123,7 @@ def weight_stream(model: Any, trials: int) -> tuple[float, int]:
     weights = [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
     rows = {w.shape[1]: mx.random.normal((1, w.shape[1])) for w in weights}
     mx.eval(list(rows.values()))
-    seconds = _median(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)
+    seconds = median_time(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)
     return seconds, sum(w.nbytes for w in weights)
 
 
@@ -141,16 +133,17 @@ def exp_cost(trials: int) -> dict[str, float]:
 
     x = mx.random.normal((EXP_ELEMENTS,))
     mx.eval(x)
-    out = {"mlx": _median(lambda: mx.eval(mx.exp(x)), trials)}
+    out = {"mlx": median_time(lambda: mx.eval(mx.exp(x)), trials)}
     xn = np.asarray(x)
-    out["numpy"] = _median(lambda: np.exp(xn), trials)
+    out["numpy"] = median_time(lambda: np.exp(xn), trials)
     try:
         import torch
     except ImportError:
         pass
     else:
         xt = torch.from_numpy(xn)
-        out[f"torch ({torch.get_num_threads()} threads)"] = _median(lambda: torch.exp(xt), trials)
+        name = f"torch ({torch.get_num_threads()} threads)"
+        out[name] = median_time(lambda: torch.exp(xt), trials)
     return {k: v / EXP_ELEMENTS * 1e9 for k, v in out.items()}
 
 
