@@ -428,7 +428,9 @@ def pretrain(
         val_batches=val_batches,
         steps_per_save=steps_per_save, keep_checkpoints=keep_checkpoints, **training,
     )  # fmt: skip
-    if result and result.get("val_ppl") is not None:
+    import mlx.core as mx
+
+    if result and result.get("val_ppl") is not None and mx.distributed.init().rank() == 0:
         print(
             f"validation perplexity {result['val_ppl']:.2f} (unigram {result['unigram_ppl']:.2f}, "
             f"bigram {result['bigram_ppl']:.2f}) on {result['val_tokens']:,} held-out tokens"

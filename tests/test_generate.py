@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from conftest import make_model_folder, tiny_args, tiny_model
 from mlx_lm.models.cache import make_prompt_cache
@@ -283,3 +284,28 @@ def test_cli_folder_without_tokenizer(tmp_path):
         assert result.exit_code == 1
         assert "has no tokenizer.model" in result.stderr
         assert "mlx-openelm convert" in result.stderr and "--tokenizer" in result.stderr
+
+
+def test_cpu_speed_note_names_slow_weights():
+    from mlx_openelm.generate import cpu_speed_note
+
+    model = tiny_model()
+    assert cpu_speed_note(model) is None  # float32: BLAS
+    nn.quantize(model, group_size=32, bits=4)
+    assert "quantised" in cpu_speed_note(model)
+    model = tiny_model()
+    model.set_dtype(mx.bfloat16)
+    assert "16-bit" in cpu_speed_note(model)
+
+
+def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
+    from mlx_openelm.loading import save_model
+    from mlx_openelm.tokenizer import write_tokenizer_files
+
+    model = tiny_model(seed=3)
+    model.set_dtype(mx.bfloat16)
+    save_model(tmp_path, model, model.args)
+    write_tokenizer_files(tmp_path, spm_model, model.args.max_context_length)
+    result = cli("generate", "--model", str(tmp_path), "--prompt", PROMPT, "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert "16-bit weights" in result.stderr and "--dtype float32" in result.stderr
