@@ -381,9 +381,11 @@ def run(
     first = next(stream)  # raises the prompt/context errors before anything is printed
     print(("" if chat else prompt) + first.text, end="", flush=True)
     last = first
-    for last in stream:
-        print(last.text, end="", flush=True)
-    print()
-    print("=" * 10, file=sys.stderr)
-    print(report(last), file=sys.stderr)
+    try:
+        for last in stream:
+            print(last.text, end="", flush=True)
+    finally:  # Ctrl-C too: report what was generated before the CLI exits with 130
+        print()
+        print("=" * 10, file=sys.stderr)
+        print(report(last), file=sys.stderr)
     return last

@@ -309,3 +309,20 @@ def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
     result = cli("generate", "--model", str(tmp_path), "--prompt", PROMPT, "--max-tokens", "2")
     assert result.exit_code == 0, result.output
     assert "16-bit weights" in result.stderr and "--dtype float32" in result.stderr
+
+
+def test_cli_ctrl_c_still_reports(folder, monkeypatch):
+    import mlx_openelm.generate as gen
+
+    real = gen.stream_generate
+
+    def interrupted(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        yield next(stream)
+        yield next(stream)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "stream_generate", interrupted)
+    result = cli("generate", "--model", str(folder), "--prompt", PROMPT, "--max-tokens", "8")
+    assert result.exit_code == 130, result.output
+    assert "generation: 2 tokens" in result.stderr and "interrupted" in result.stderr
