@@ -281,11 +281,15 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
         # Importing mlx_openelm preloads a BLAS globally; torch's own MKL calls would then bind to
         # it (measured: prefill 4.7x, decode 3x slower), so the reference process never does.
         env[BLAS_ENV] = "none"
+    # The worker starts in a folder of its own: `python -m` puts its working directory first on
+    # sys.path, and from a clone of this repository (non-editable install) the source tree's
+    # `mlx_openelm/`, which lacks `bench`, would shadow the installed package.
+    spec = {**spec, "folder": str(Path(spec["folder"]).resolve())}
     with tempfile.TemporaryDirectory(prefix="mlx-openelm-worker-") as tmp:
         answer_path = Path(tmp) / "answer.json"
         cmd = [sys.executable, "-m", "mlx_openelm.bench.bench", "worker", json.dumps(spec)]
         proc = subprocess.Popen(
-            [*cmd, str(answer_path)], stderr=subprocess.PIPE, text=True, env=env
+            [*cmd, str(answer_path)], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp
         )
         tail: list[str] = []
         for line in proc.stderr:

@@ -128,7 +128,11 @@ def run(
             cmd = [sys.executable, *worker] if n == 1 else [
                 launcher, *where, "--backend", "ring", "-p", str(_free_port(n)),
                 "--python", sys.executable, "--", *worker]  # fmt: skip
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            # A neutral working directory: see bench.run_worker.
+            with tempfile.TemporaryDirectory() as cwd:
+                r = subprocess.run(
+                    cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=cwd
+                )
             lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not lines:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")

@@ -205,3 +205,21 @@ def test_merge_trials_pools_rounds() -> None:
     assert (m["trials"], m["prefill_tps"], m["decode_tps"], m["ttft_s"]) == (3, 100, 9, 0.16)
     assert m["prefill_tps_trials"] == [100, 50, 200] and m["peak_memory_bytes"] == 7
     assert m["check_tokens"] == [1, 2]  # the check comes from the first round
+
+
+def test_worker_ignores_a_source_tree_in_the_working_directory(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run from a clone with a non-editable install, `python -m` would import the clone's
+    # `mlx_openelm/` (no `bench` in it) first; the worker must not see it, and a relative model
+    # path must still mean the one the user gave.
+    (tmp_path / "mlx_openelm").mkdir()
+    (tmp_path / "mlx_openelm" / "__init__.py").write_text("raise ImportError('the decoy')\n")
+    (tmp_path / "model").symlink_to(tiny)
+    monkeypatch.chdir(tmp_path)
+    spec = dict(
+        implementation="mlx-openelm", folder="model", dtype="float32", dtype_name="float32",
+        gen_tokens=3, prompt_tokens=[4], trials=1, vocab_size=TINY["vocab_size"], check=False,
+    )  # fmt: skip
+    (row,) = run_worker(spec)
+    assert row["prompt_tokens"] == 4 and row["decode_tps"] > 0
