@@ -9,7 +9,7 @@ from typing import Any
 def random_weights(model: Any, seed: int = 0) -> None:
     """Random weights with which a random model emits varied greedy tokens with clear margins.
 
-    Like `reference.random_model` (linears N(0, 1/fan_in), residual outputs scaled by
+    Like `torch_checkpoints.random_model` (linears N(0, 1/fan_in), residual outputs scaled by
     1/sqrt(2 * layers), norms 1 + 0.1 N(0, 1)) with three changes, because a random model tends to
     repeat one token under greedy decoding (MLX's default init does it every step), and then a
     token check proves little. The residual stream carries each token's own embedding to the tied

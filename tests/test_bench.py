@@ -179,7 +179,8 @@ def test_worker_errors_come_back_as_user_errors(tmp_path: Path) -> None:
 def test_reference_keeps_only_the_last_logits() -> None:
     # The PyTorch side of the bench computes only the logits it samples from, as MLX does.
     import torch
-    from mlx_openelm.bench.reference import KVCache, random_model
+    from mlx_openelm.bench.reference import KVCache
+    from mlx_openelm.bench.torch_checkpoints import random_model
 
     model = random_model(TINY, seed=0)
     ids = torch.randint(3, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ torch = pytest.importorskip(
 )
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness (pip install .[eval])")
 from lm_eval.api.instance import Instance  # noqa: E402
-from mlx_openelm.bench import reference  # noqa: E402
+from mlx_openelm.bench import torch_checkpoints  # noqa: E402
 from mlx_openelm.convert import convert  # noqa: E402
 
 from mlx_openelm.cli import app  # noqa: E402
@@ -46,9 +46,9 @@ TEXT = (DATA / "persuasion.txt").read_text(encoding="utf-8")
 @pytest.fixture(scope="module")
 def ref_folder(tmp_path_factory, spm_model):
     """(PyTorch reference model, its converted fp32 MLX folder with the tiny tokenizer)."""
-    ref = reference.random_model(CONFIG, seed=3)
+    ref = torch_checkpoints.random_model(CONFIG, seed=3)
     root = tmp_path_factory.mktemp("eval")
-    reference.save_hf(ref, root / "hf")
+    torch_checkpoints.save_hf(ref, root / "hf")
     convert(root / "hf", root / "mlx", dtype="float32", tokenizer=spm_model)
     return ref, root / "mlx"
 

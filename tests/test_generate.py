@@ -184,14 +184,14 @@ def test_prompt_errors(model, tokenizer):
 
 def test_greedy_matches_pytorch_reference(tokenizer):
     torch = pytest.importorskip("torch")
-    from mlx_openelm.bench import reference
+    from mlx_openelm.bench import reference, torch_checkpoints
 
     from mlx_openelm.model import Model
 
     # 4 layers with 4 -> 8 query heads (1 -> 2 kv heads), fp32 on both sides.
     args = tiny_args(num_transformer_layers=4, model_dim=128, head_dim=16)
     assert len(set(args.num_query_heads)) > 1
-    ref = reference.random_model(args.to_dict(), seed=0)
+    ref = torch_checkpoints.random_model(args.to_dict(), seed=0)
     model = Model(args)
     model.load_weights([(k, mx.array(v.numpy())) for k, v in ref.state_dict().items()])
     ids = tokenizer.encode(PROMPT)

@@ -17,7 +17,7 @@ import mlx_openelm
 torch = pytest.importorskip(
     "torch", reason="the PyTorch reference needs torch (pip install .[reference])"
 )
-from mlx_openelm.bench import reference  # noqa: E402
+from mlx_openelm.bench import reference, torch_checkpoints  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mlx_openelm.cli import app  # noqa: E402
@@ -79,15 +79,15 @@ def check(ref, folder, vocab) -> None:
 
 @pytest.mark.parametrize("name", SCALED)
 def test_hf_fp32_safetensors(tmp_path, name):
-    ref = reference.random_model(scaled_config(name), seed=1)
-    reference.save_hf(ref, tmp_path / "hf")
+    ref = torch_checkpoints.random_model(scaled_config(name), seed=1)
+    torch_checkpoints.save_hf(ref, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx")
     check(ref, tmp_path / "mlx", 256)
 
 
 def test_hf_bf16_sharded(tmp_path):
-    ref = reference.random_model(scaled_config("450M"), seed=2)
-    reference.save_hf(ref, tmp_path / "hf", dtype=torch.bfloat16, max_shard_bytes=400_000)
+    ref = torch_checkpoints.random_model(scaled_config("450M"), seed=2)
+    torch_checkpoints.save_hf(ref, tmp_path / "hf", dtype=torch.bfloat16, max_shard_bytes=400_000)
     assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) >= 2
     convert(tmp_path / "hf", tmp_path / "mlx")
     # Compare with the reference holding the same (bf16-rounded) weights, computing in fp32.
@@ -96,16 +96,18 @@ def test_hf_bf16_sharded(tmp_path):
 
 
 def test_pytorch_model_bin(tmp_path):
-    ref = reference.random_model(scaled_config("1_1B"), seed=3)
-    reference.save_hf(ref, tmp_path / "hf", fmt="bin")
+    ref = torch_checkpoints.random_model(scaled_config("1_1B"), seed=3)
+    torch_checkpoints.save_hf(ref, tmp_path / "hf", fmt="bin")
     assert (tmp_path / "hf" / "pytorch_model.bin").exists()
     convert(tmp_path / "hf", tmp_path / "mlx")
     check(ref, tmp_path / "mlx", 256)
 
 
 def test_corenet_pt_and_yaml(tmp_path):
-    ref = reference.random_model(scaled_config("3B"), seed=4)
-    reference.save_corenet(ref, tmp_path / "model.pt", tmp_path / "config.yaml", padded_vocab=384)
+    ref = torch_checkpoints.random_model(scaled_config("3B"), seed=4)
+    torch_checkpoints.save_corenet(
+        ref, tmp_path / "model.pt", tmp_path / "config.yaml", padded_vocab=384
+    )
     convert(tmp_path / "model.pt", tmp_path / "mlx", "--config-yaml", str(tmp_path / "config.yaml"))
     assert ModelArgs.from_file(tmp_path / "mlx" / "config.json").vocab_size == 256
     check(ref, tmp_path / "mlx", 256)
@@ -113,16 +115,16 @@ def test_corenet_pt_and_yaml(tmp_path):
 
 def test_untied_lm_head(tmp_path):
     config = {**scaled_config("270M"), "share_input_output_layers": False}
-    ref = reference.random_model(config, seed=5)
-    reference.save_hf(ref, tmp_path / "hf")
+    ref = torch_checkpoints.random_model(config, seed=5)
+    torch_checkpoints.save_hf(ref, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx")
     check(ref, tmp_path / "mlx", 256)
 
 
 @pytest.mark.slow
 def test_full_size_270m(tmp_path):
-    ref = reference.random_model(preset("270M").to_dict(), seed=6)
-    reference.save_hf(ref, tmp_path / "hf")
+    ref = torch_checkpoints.random_model(preset("270M").to_dict(), seed=6)
+    torch_checkpoints.save_hf(ref, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "mlx", "--no-tokenizer")  # 32000 rows: no Hub lookup
     del ref  # keep one copy in memory at a time
     ref = reference.OpenELM.from_pretrained(tmp_path / "hf")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_openelm.bench import reference as R
+from mlx_openelm.bench import torch_checkpoints as C
 
 import mlx_openelm  # noqa: F401  (loads a fast BLAS before mlx.core)
 from mlx_openelm.config import ModelArgs, preset
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny() -> R.OpenELM:
-    return R.random_model(TINY, seed=0)
+    return C.random_model(TINY, seed=0)
 
 
 def tokens(n: int, vocab: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -79,7 +80,7 @@ def test_layerwise_shapes(tiny):
 
 @pytest.mark.parametrize("config", [TINY, PLAIN], ids=["tiny", "plain"])
 def test_cache_matches_full_forward(config):
-    model = R.random_model(config, seed=1)
+    model = C.random_model(config, seed=1)
     ids = tokens(24, config["vocab_size"], batch=2)
     with torch.no_grad():
         full = model(ids)
@@ -129,7 +130,7 @@ def state_equal(a: R.OpenELM, b: R.OpenELM) -> None:
     ],
 )
 def test_save_hf_round_trip(tiny, tmp_path, fmt, max_shard_bytes, files):
-    R.save_hf(tiny, tmp_path, fmt=fmt, max_shard_bytes=max_shard_bytes)
+    C.save_hf(tiny, tmp_path, fmt=fmt, max_shard_bytes=max_shard_bytes)
     names = sorted(p.name for p in tmp_path.iterdir())
     for f in files:
         assert any(n.startswith(f) for n in names), (f, names)
@@ -147,14 +148,14 @@ def test_save_hf_round_trip(tiny, tmp_path, fmt, max_shard_bytes, files):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_save_hf_half_precision(tiny, tmp_path, dtype):
-    R.save_hf(tiny, tmp_path, dtype=dtype)
+    C.save_hf(tiny, tmp_path, dtype=dtype)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied
         assert f.get_tensor("transformer.norm.weight").dtype == dtype
     loaded = R.OpenELM.from_pretrained(tmp_path, dtype=dtype)
-    ref = R.random_model(TINY, seed=0).to(dtype)
+    ref = C.random_model(TINY, seed=0).to(dtype)
     state_equal(loaded, ref)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
     # The half-precision model runs, its cache still agrees, and it stays near fp32.
@@ -167,21 +168,21 @@ def test_save_hf_half_precision(tiny, tmp_path, dtype):
 
 
 def test_untied_round_trip(tmp_path):
-    model = R.random_model(PLAIN, seed=2)
+    model = C.random_model(PLAIN, seed=2)
     assert "lm_head.weight" in model.state_dict()
-    R.save_hf(model, tmp_path)
+    C.save_hf(model, tmp_path)
     state_equal(R.OpenELM.from_pretrained(tmp_path), model)
 
 
 def test_from_pretrained_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         R.OpenELM.from_pretrained(tmp_path)
-    R.save_hf(tiny, tmp_path)
+    C.save_hf(tiny, tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         R.OpenELM.from_pretrained(tmp_path)
     config = {**TINY, "num_transformer_layers": 5}
-    R.save_hf(tiny, tmp_path)
+    C.save_hf(tiny, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="missing"):
         R.OpenELM.from_pretrained(tmp_path)
@@ -215,8 +216,8 @@ def test_other_presets_on_meta(name, count):
 
 
 def test_save_corenet(tmp_path):
-    model = R.random_model(PLAIN, seed=2)
-    R.save_corenet(model, tmp_path / "m.pt", tmp_path / "m.yaml", padded_vocab=128)
+    model = C.random_model(PLAIN, seed=2)
+    C.save_corenet(model, tmp_path / "m.pt", tmp_path / "m.yaml", padded_vocab=128)
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert not any(k.startswith("transformer.") for k in state)
     assert state["token_embeddings.weight"].shape == (128, 64)
@@ -243,15 +244,15 @@ def test_save_corenet_named(tmp_path, monkeypatch):
     with torch.device("meta"):
         model = R.OpenELM(dict(num_transformer_layers=16, model_dim=1280, head_dim=64))
     with pytest.raises(ValueError, match="OpenELM-270M"):
-        R.save_corenet(model, tmp_path / "x.pt", tmp_path / "x.yaml", model_name="OpenELM-450M")
-    tiny = R.random_model(TINY)
+        C.save_corenet(model, tmp_path / "x.pt", tmp_path / "x.yaml", model_name="OpenELM-450M")
+    tiny = C.random_model(TINY)
     with pytest.raises(ValueError, match="padded_vocab"):
-        R.save_corenet(tiny, tmp_path / "x.pt", tmp_path / "x.yaml", padded_vocab=10)
+        C.save_corenet(tiny, tmp_path / "x.pt", tmp_path / "x.yaml", padded_vocab=10)
     with pytest.raises(ValueError, match="model_name"):
-        R.save_corenet(tiny, tmp_path / "x.pt", tmp_path / "x.yaml", model_name="OpenELM-270M")
+        C.save_corenet(tiny, tmp_path / "x.pt", tmp_path / "x.yaml", model_name="OpenELM-270M")
     # A named model writes the short section of CoreNet's own YAMLs: the name fixes the shape.
-    monkeypatch.setitem(R.CORENET_MODELS, "OpenELM-tiny", TINY)
-    R.save_corenet(tiny, tmp_path / "t.pt", tmp_path / "t.yaml", model_name="OpenELM-tiny")
+    monkeypatch.setitem(C.CORENET_MODELS, "OpenELM-tiny", TINY)
+    C.save_corenet(tiny, tmp_path / "t.pt", tmp_path / "t.yaml", model_name="OpenELM-tiny")
     gpt = yaml.safe_load((tmp_path / "t.yaml").read_text())["model"]["language_modeling"]
     assert gpt["general_gpt"] == {
         "model_name": "OpenELM-tiny",
@@ -286,7 +287,7 @@ def to_mlx(model: R.OpenELM) -> Model:
 
 @pytest.mark.parametrize("config", [TINY, PLAIN], ids=["tiny", "plain"])
 def test_matches_mlx(config):
-    model = R.random_model(config, seed=3)
+    model = C.random_model(config, seed=3)
     mlx_model = to_mlx(model)
     ids = tokens(20, config["vocab_size"], seed=6, batch=2)
     with torch.no_grad():
@@ -306,7 +307,7 @@ def test_matches_mlx(config):
 
 def test_hf_folder_loads_in_mlx(tiny, tmp_path):
     # A save_hf folder is also a valid MLX folder (same keys, same config.json).
-    R.save_hf(tiny, tmp_path)
+    C.save_hf(tiny, tmp_path)
     mlx_model, _, args = mlx_openelm.load(tmp_path)
     assert args.num_query_heads == tiny.config["num_query_heads"]
     ids = tokens(10, 256, seed=7)
