@@ -24,6 +24,7 @@ from ..config import preset as preset_args
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .distributed import guard
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
@@ -328,7 +329,8 @@ def pretrain(
             mx.save_safetensors(str(out / WEIGHTS), weights)
         summary["averaged_checkpoints"] = average_last
     if val_set:
-        val_loss = evaluate(model, val_set, args.batch_size)
+        with guard(mx.distributed.init()):  # its losses are summed over the ranks
+            val_loss = evaluate(model, val_set, args.batch_size)
         targets = val_tokens[: len(val_set) * seq_length + 1]
         summary.update(
             val_tokens=int(len(targets) - 1),
