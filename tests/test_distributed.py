@@ -308,6 +308,39 @@ def test_ctrl_c_on_one_rank_stops_both_with_a_checkpoint(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_needs_the_folder_on_rank_0_only(runs, tmp_path):
+    # Two machines without a shared folder: only rank 0's has the run; rank 1's path is empty.
+    shutil.copytree(runs / "two", tmp_path / "rank0")
+    shutil.rmtree(tmp_path / "rank0" / "checkpoints/step_0000004")  # as if stopped at step 2
+    args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT, "--resume"]
+    extra = (["--adapter-path", str(tmp_path / "rank0")], ["--adapter-path", str(tmp_path / "x")])
+    procs = start_ranks(args, tmp_path, extra=extra)
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        kill_all(procs)
+    assert codes == [0, 0], read_log(tmp_path, 0) + read_log(tmp_path, 1)
+    assert_same_weights(runs / "one", tmp_path / "rank0")
+    assert not (tmp_path / "x").exists()  # rank 1 wrote nothing
+
+
+@pytest.mark.slow
+def test_a_folder_error_on_rank_0_stops_every_rank(runs, tmp_path):
+    # Rank 0's folder has nothing to resume: both ranks stop with its error, not a hang.
+    shutil.copytree(runs / "two", tmp_path / "rank1")
+    args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT, "--resume"]
+    extra = (["--adapter-path", str(tmp_path / "x")], ["--adapter-path", str(tmp_path / "rank1")])
+    procs = start_ranks(args, tmp_path, extra=extra)
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        kill_all(procs)
+    assert codes == [1, 1]
+    for rank in range(2):
+        assert f"nothing to resume: {tmp_path / 'x'} has no checkpoint" in read_log(tmp_path, rank)
+
+
+@pytest.mark.slow
 def test_ranks_with_other_options_refuse_to_start(runs, tmp_path):
     args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT,
             "--adapter-path", str(tmp_path / "out")]  # fmt: skip

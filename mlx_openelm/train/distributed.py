@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -145,6 +145,33 @@ def _json_from_rank0(obj: Any, group: mx.distributed.Group) -> Any:
     n = _from_rank0(mx.array([0 if data is None else len(data)], mx.int32), group).item()
     buf = mx.array(data) if data is not None else mx.zeros((n,), mx.uint8)
     return json.loads(bytes(np.array(_from_rank0(buf, group))))
+
+
+_CHECK_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, FileExistsError)}
+
+
+def check_on_rank0(check: Callable[[], None], group: mx.distributed.Group | None = None) -> None:
+    """Run `check` (a precondition on the run's folder) on rank 0 alone and raise its error on
+    every rank.
+
+    Rank 0 is the only one that reads or writes the folder, which need not exist on the other
+    machines; and every rank must stop together, or the others would wait for it at their first
+    collective until the watchdog ends them.
+    """
+    group = group or mx.distributed.init()
+    if group.size() == 1:
+        check()
+        return
+    error = None
+    if group.rank() == 0:
+        try:
+            check()
+        except tuple(_CHECK_ERRORS.values()) as e:
+            error = [type(e).__name__, str(e)]
+    with guard(group):
+        error = _json_from_rank0(error, group)
+    if error:
+        raise _CHECK_ERRORS[error[0]](error[1])
 
 
 def sync_from_rank0(

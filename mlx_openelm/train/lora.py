@@ -27,6 +27,7 @@ from ..loading import atomic_folder, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
+from .distributed import check_on_rank0
 from .export import export_hf
 from .trainer import TrainingArgs, train
 
@@ -224,13 +225,17 @@ def lora(
     except TypeError as e:
         raise ValueError(f"unknown training option: {e}") from None
     adapter_path = Path(adapter_path)
-    if resume and latest_checkpoint(adapter_path) is None:
-        raise FileNotFoundError(f"nothing to resume: {adapter_path} has no checkpoint")
-    if not resume and (adapter_path / ADAPTERS).exists():
-        raise FileExistsError(
-            f"{adapter_path} already holds adapters: pass --resume to continue, "
-            "or choose another --adapter-path"
-        )
+
+    def check_folder() -> None:
+        if resume and latest_checkpoint(adapter_path) is None:
+            raise FileNotFoundError(f"nothing to resume: {adapter_path} has no checkpoint")
+        if not resume and (adapter_path / ADAPTERS).exists():
+            raise FileExistsError(
+                f"{adapter_path} already holds adapters: pass --resume to continue, "
+                "or choose another --adapter-path"
+            )
+
+    check_on_rank0(check_folder)  # the other machines need not see `adapter_path`
     # Validate every data line before loading the model or writing anything.
     splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
     base, model_tokenizer, model_args = load(model)
@@ -250,7 +255,10 @@ def lora(
     config = adapter_config(
         n_layers, dora=dora, rank=rank, alpha=alpha, dropout=dropout, targets=targets
     )
-    if resume and (adapter_path / ADAPTER_CONFIG).is_file():
+
+    def check_options() -> None:
+        if not (resume and (adapter_path / ADAPTER_CONFIG).is_file()):
+            return
         saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
         if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
             raise ValueError(
@@ -258,6 +266,8 @@ def lora(
                 f"({saved.get('fine_tune_type')}, rank {saved['lora_parameters']['rank']}, "
                 f"targets {saved.get('targets')}): resume with the same ones"
             )
+
+    check_on_rank0(check_options)
     mx.random.seed(args.seed)  # the adapters' initial A matrices
     apply_lora(base, config)
     trainable = sum(v.size for _, v in tree_flatten(base.trainable_parameters()))

@@ -24,7 +24,7 @@ from ..config import preset as preset_args
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, latest_checkpoint
-from .distributed import guard
+from .distributed import check_on_rank0, guard
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
@@ -222,19 +222,20 @@ def pretrain(
         The run's figures (also in `out/pretrain.json`): losses, perplexities, tokens, time.
     """
     out = Path(out)
-    if (
-        export_hf_path is not None
-        and Path(export_hf_path).exists()
-        and any(Path(export_hf_path).iterdir())
-    ):
-        raise FileExistsError(f"{export_hf_path} already exists: delete it or choose another path")
-    if not resume and latest_checkpoint(out) is not None:
-        raise FileExistsError(
-            f"{out} already holds a training run: pass --resume to continue it, "
-            "or choose another folder"
-        )
-    if resume and latest_checkpoint(out) is None:
-        raise FileNotFoundError(f"nothing to resume: {out} has no checkpoint; drop --resume")
+
+    def check_folders() -> None:
+        export = None if export_hf_path is None else Path(export_hf_path)
+        if export is not None and export.exists() and any(export.iterdir()):
+            raise FileExistsError(f"{export} already exists: delete it or choose another path")
+        if not resume and latest_checkpoint(out) is not None:
+            raise FileExistsError(
+                f"{out} already holds a training run: pass --resume to continue it, "
+                "or choose another folder"
+            )
+        if resume and latest_checkpoint(out) is None:
+            raise FileNotFoundError(f"nothing to resume: {out} has no checkpoint; drop --resume")
+
+    check_on_rank0(check_folders)  # the other machines need not see `out`
     opts = {**PRETRAIN_DEFAULTS, **training}
     opts.setdefault("warmup_steps", min(1000, opts["iters"] // 10))
     opts["max_seq_length"] = seq_length
