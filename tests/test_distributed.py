@@ -96,6 +96,15 @@ def read_log(tmp: Path, rank: int) -> str:
     return (tmp / f"rank{rank}.log").read_text()
 
 
+def run_ranks(args: list[str], tmp: Path, extra=(None, None), timeout: float = 240) -> list[int]:
+    """`start_ranks`, then their exit codes (any rank still running at `timeout` is killed)."""
+    procs = start_ranks(args, tmp, extra=extra)
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        kill_all(procs)
+
+
 def kill_all(procs) -> None:
     for p in procs:
         if p.poll() is None:
@@ -314,11 +323,7 @@ def test_resume_needs_the_folder_on_rank_0_only(runs, tmp_path):
     shutil.rmtree(tmp_path / "rank0" / "checkpoints/step_0000004")  # as if stopped at step 2
     args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT, "--resume"]
     extra = (["--adapter-path", str(tmp_path / "rank0")], ["--adapter-path", str(tmp_path / "x")])
-    procs = start_ranks(args, tmp_path, extra=extra)
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        kill_all(procs)
+    codes = run_ranks(args, tmp_path, extra)
     assert codes == [0, 0], read_log(tmp_path, 0) + read_log(tmp_path, 1)
     assert_same_weights(runs / "one", tmp_path / "rank0")
     assert not (tmp_path / "x").exists()  # rank 1 wrote nothing
@@ -330,12 +335,7 @@ def test_a_folder_error_on_rank_0_stops_every_rank(runs, tmp_path):
     shutil.copytree(runs / "two", tmp_path / "rank1")
     args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT, "--resume"]
     extra = (["--adapter-path", str(tmp_path / "x")], ["--adapter-path", str(tmp_path / "rank1")])
-    procs = start_ranks(args, tmp_path, extra=extra)
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        kill_all(procs)
-    assert codes == [1, 1]
+    assert run_ranks(args, tmp_path, extra, timeout=120) == [1, 1]
     for rank in range(2):
         assert f"nothing to resume: {tmp_path / 'x'} has no checkpoint" in read_log(tmp_path, rank)
 
@@ -344,12 +344,7 @@ def test_a_folder_error_on_rank_0_stops_every_rank(runs, tmp_path):
 def test_ranks_with_other_options_refuse_to_start(runs, tmp_path):
     args = ["lora", "--model", str(runs / "base"), "--data", str(DATA), *LORA, *SHORT,
             "--adapter-path", str(tmp_path / "out")]  # fmt: skip
-    procs = start_ranks(args, tmp_path, extra=(None, ["--learning-rate", "1e-3"]))
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        kill_all(procs)
-    assert codes == [1, 1]
+    assert run_ranks(args, tmp_path, extra=(None, ["--learning-rate", "1e-3"])) == [1, 1]
     for rank in range(2):
         assert "rank(s) [1] run with other options, data or model than rank 0" in read_log(
             tmp_path, rank
