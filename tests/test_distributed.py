@@ -177,6 +177,8 @@ class FakeGroup:
 def test_a_batch_the_world_size_does_not_divide_is_a_clear_error(tmp_path, spm_model, monkeypatch):
     base = make_model_folder(tmp_path / "base", spm_model, seed=1)
     monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: FakeGroup(2))
+    # Rank 0 of a pretend world: its broadcasts return its own value.
+    monkeypatch.setattr(distributed, "_json_from_rank0", lambda obj, group: obj)
     result = CliRunner().invoke(
         app, ["lora", "--model", str(base), "--data", str(DATA), *LORA, "--batch-size", "3",
               "--adapter-path", str(tmp_path / "out")],
