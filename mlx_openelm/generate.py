@@ -282,28 +282,39 @@ def make_sampling(
     return sampler, make_logits_processors(repetition_penalty=penalty)
 
 
-def cpu_speed_note(model: nn.Module) -> str | None:
-    """A hint when MLX runs on the CPU with weights it has no fast kernels for there.
+def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
+    """Hints when MLX runs on the CPU without what makes it fast there.
 
-    MLX's CPU matmuls go through BLAS only in float32; bfloat16, float16 and quantised weights
-    take its own scalar kernels. OpenELM-270M on the 2-core x86 VM decoded 15.8 tok/s in float32
-    against 2.1 (bfloat16), 2.0 (8-bit) and 2.3 (4-bit), so the hint is worth a line.
+    MLX's CPU matmuls are fast only in float32 and through an optimised BLAS. Bfloat16, float16
+    and quantised weights take MLX's own scalar kernels: OpenELM-270M on the 2-core x86 VM decoded
+    15.8 tok/s in float32 against 2.1 (bfloat16), 2.0 (8-bit) and 2.3 (4-bit). Without a BLAS
+    library to load (`_blas.py`), MLX on Linux uses its bundled reference BLAS, ~30x slower.
     """
     from mlx.utils import tree_flatten
 
+    from . import _blas
+
     if mx.default_device() != mx.cpu:
-        return None
+        return []
+    notes = []
+    if sys.platform.startswith("linux") and _blas.loaded is None:
+        notes.append(
+            "MLX is running on its bundled reference BLAS, ~30x slower: `pip install mkl` "
+            "(x86-64) or `apt-get install libopenblas0-pthread`, unless MLX_OPENELM_BLAS=none "
+            "was meant"
+        )
     params = tree_flatten(model.parameters())
-    if any(name.endswith(".scales") for name, _ in params):
+    kind = None
+    if any(key.endswith(".scales") for key, _ in params):
         kind = "quantised"
     elif any(p.dtype in (mx.bfloat16, mx.float16) for _, p in params):
         kind = "16-bit"
-    else:
-        return None
-    return (
-        f"has {kind} weights, which MLX's CPU back end runs ~7x slower than float32: convert the "
-        "original checkpoint with `--dtype float32` (the CPU default) for speed"
-    )
+    if kind:
+        notes.append(
+            f"{name} has {kind} weights, which MLX's CPU back end runs ~7x slower than float32: "
+            "convert the original checkpoint with `--dtype float32` (the CPU default) for speed"
+        )
+    return notes
 
 
 def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.Module, Tokenizer]:
@@ -312,9 +323,8 @@ def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.
 
     model, tokenizer, args = load(path, adapter_path=adapter_path)
     tokenizer = require_tokenizer(tokenizer, path)
-    note = cpu_speed_note(model)
-    if note:
-        print(f"note: {path} {note}", file=sys.stderr)
+    for note in cpu_speed_notes(model, path):
+        print(f"note: {note}", file=sys.stderr)
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(
             f"{path}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only "

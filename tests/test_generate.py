@@ -286,16 +286,23 @@ def test_cli_folder_without_tokenizer(tmp_path):
         assert "mlx-openelm convert" in result.stderr and "--tokenizer" in result.stderr
 
 
-def test_cpu_speed_note_names_slow_weights():
-    from mlx_openelm.generate import cpu_speed_note
+def test_cpu_speed_notes_name_slow_weights_and_a_missing_blas(monkeypatch):
+    from mlx_openelm import _blas
+    from mlx_openelm.generate import cpu_speed_notes
 
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))  # as on a Mac's CPU too
+    monkeypatch.setattr(_blas, "loaded", "libmkl_rt.so")
     model = tiny_model()
-    assert cpu_speed_note(model) is None  # float32: BLAS
+    assert cpu_speed_notes(model) == []  # float32, through an optimised BLAS
     nn.quantize(model, group_size=32, bits=4)
-    assert "quantised" in cpu_speed_note(model)
+    (note,) = cpu_speed_notes(model, "m")
+    assert note.startswith("m has quantised weights")
     model = tiny_model()
     model.set_dtype(mx.bfloat16)
-    assert "16-bit" in cpu_speed_note(model)
+    assert "16-bit" in cpu_speed_notes(model)[0]
+    monkeypatch.setattr(_blas, "loaded", None)
+    monkeypatch.setattr("sys.platform", "linux")
+    assert "bundled reference BLAS" in cpu_speed_notes(tiny_model())[0]
 
 
 def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
