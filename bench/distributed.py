@@ -84,7 +84,8 @@ def _worker(mode: str, steps: int, batch: int, seq: int, allreduce_mb: float) ->
         print("RESULT " + json.dumps(record), flush=True)
 
 
-def _free_port(n: int) -> int:
+def free_ports(n: int) -> int:
+    """A first port p such that p .. p+n-1 are free (mlx.launch gives rank r port p+r)."""
     for _ in range(50):
         socks = []
         try:
@@ -126,7 +127,7 @@ def run(
             # One rank runs bare: under `mlx.launch -n 1` (mlx 0.32) init() fails on the empty
             # hostfile the launcher writes.
             cmd = [sys.executable, *worker] if n == 1 else [
-                launcher, *where, "--backend", "ring", "-p", str(_free_port(n)),
+                launcher, *where, "--backend", "ring", "-p", str(free_ports(n)),
                 "--python", sys.executable, "--", *worker]  # fmt: skip
             # A neutral working directory: see bench.run_worker.
             with tempfile.TemporaryDirectory() as cwd:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import mlx.core as mx  # noqa: I001  (conftest imports mlx_openelm first, which 
 import numpy as np
 import pytest
 from conftest import make_model_folder, tiny_args
+from mlx_openelm.bench.distributed import free_ports
 from typer.testing import CliRunner
 
 from mlx_openelm._blas import thread_env
@@ -45,24 +45,6 @@ STATE = "checkpoints/step_0000004/state.json"
 ATOL_LORA, ATOL_PRETRAIN = 1e-5, 2e-5
 # One BLAS thread per rank: two ranks share this machine's cores.
 ENV = {**os.environ, **thread_env(1), "PYTHONUNBUFFERED": "1"}
-
-
-def free_ports(n: int) -> int:
-    """A first port p such that p .. p+n-1 are free (mlx.launch gives rank r port p+r)."""
-    for _ in range(50):
-        socks = []
-        try:
-            first = socket.create_server(("127.0.0.1", 0))
-            socks.append(first)
-            p = first.getsockname()[1]
-            socks += [socket.create_server(("127.0.0.1", p + r)) for r in range(1, n)]
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def launch(args: list[str], cwd: Path, n: int = 2, timeout: float = 300) -> str:
