@@ -125,6 +125,19 @@ ChatTemplateOption = Annotated[
     str | None,
     typer.Option(help="openelm, a Jinja file or the template (default: the model folder's)"),
 ]
+# Training options shared by `lora` and `pretrain` (each keeps its own default).
+GradAccumulation = Annotated[int, typer.Option(help="Micro-steps per update")]
+LearningRate = Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")]
+MinLrRatio = Annotated[float, typer.Option(help="Final LR as a fraction of the peak")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay")]
+GradClip = Annotated[float, typer.Option(help="Gradient norm clip (0: off)")]
+GradCheckpoint = Annotated[
+    bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
+]
+StepsPerReport = Annotated[int, typer.Option(help="Log train loss every N steps")]
+StepsPerEval = Annotated[int, typer.Option(help="Validate every N steps (0: never)")]
+ValBatches = Annotated[int, typer.Option(help="Validation batches (-1: all)")]
+StepsPerSave = Annotated[int, typer.Option(help="Checkpoint every N steps")]
 
 
 @app.command()
@@ -199,21 +212,19 @@ def lora(
     iters: Annotated[int, typer.Option(help="Optimizer steps")] = 1000,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data (sets iters)")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-step, all ranks")] = 4,
-    grad_accumulation_steps: Annotated[int, typer.Option(help="Micro-steps per update")] = 1,
+    grad_accumulation_steps: GradAccumulation = 1,
     max_seq_length: Annotated[int, typer.Option(help="Longer examples are cut")] = 2048,
-    learning_rate: Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")] = 3e-4,
+    learning_rate: LearningRate = 3e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine to 10%")] = 100,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: off)")] = 1.0,
-    grad_checkpoint: Annotated[
-        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
-    ] = False,
+    min_lr_ratio: MinLrRatio = 0.1,
+    weight_decay: WeightDecay = 0.0,
+    grad_clip: GradClip = 1.0,
+    grad_checkpoint: GradCheckpoint = False,
     seed: Annotated[int, typer.Option(help="Seed for adapter init, data order, dropout")] = 0,
-    steps_per_report: Annotated[int, typer.Option(help="Log train loss every N steps")] = 10,
-    steps_per_eval: Annotated[int, typer.Option(help="Validate every N steps (0: never)")] = 200,
-    val_batches: Annotated[int, typer.Option(help="Validation batches (-1: all)")] = 25,
-    steps_per_save: Annotated[int, typer.Option(help="Checkpoint every N steps")] = 100,
+    steps_per_report: StepsPerReport = 10,
+    steps_per_eval: StepsPerEval = 200,
+    val_batches: ValBatches = 25,
+    steps_per_save: StepsPerSave = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue adapter-path's run")] = False,
 ) -> None:
     """Fine-tune LoRA/DoRA adapters with the paper's recipe (Ctrl-C saves; --resume continues)."""
@@ -380,22 +391,20 @@ def pretrain(
     min_doc_tokens: Annotated[int, typer.Option(help="Drop shorter documents (paper: 256)")] = 0,
     iters: Annotated[int, typer.Option(help="Optimizer steps (the cosine ends here)")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-step, all ranks")] = 16,
-    grad_accumulation_steps: Annotated[int, typer.Option(help="Micro-steps per update")] = 1,
-    learning_rate: Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")] = 1e-3,
+    grad_accumulation_steps: GradAccumulation = 1,
+    learning_rate: LearningRate = 1e-3,
     warmup_steps: Annotated[
         int | None, typer.Option(help="Linear warm-up (default 10% of iters, at most 1000)")
     ] = None,
-    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of the peak")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: off)")] = 1.0,
-    grad_checkpoint: Annotated[
-        bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
-    ] = False,
+    min_lr_ratio: MinLrRatio = 0.1,
+    weight_decay: WeightDecay = 0.1,
+    grad_clip: GradClip = 1.0,
+    grad_checkpoint: GradCheckpoint = False,
     seed: Annotated[int, typer.Option(help="Seed for init, data order and split")] = 0,
-    steps_per_report: Annotated[int, typer.Option(help="Log train loss every N steps")] = 10,
-    steps_per_eval: Annotated[int, typer.Option(help="Validate every N steps (0: never)")] = 200,
-    val_batches: Annotated[int, typer.Option(help="Validation batches (-1: all)")] = -1,
-    steps_per_save: Annotated[int, typer.Option(help="Checkpoint every N steps")] = 200,
+    steps_per_report: StepsPerReport = 10,
+    steps_per_eval: StepsPerEval = 200,
+    val_batches: ValBatches = -1,
+    steps_per_save: StepsPerSave = 200,
     keep_checkpoints: Annotated[int, typer.Option(help="Numbered checkpoints kept")] = 2,
     average_last: Annotated[
         int, typer.Option(help="Average the last K checkpoints at the end")
