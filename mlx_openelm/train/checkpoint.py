@@ -50,6 +50,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def check_run_folder(out_dir: Path, resume: bool) -> None:
+    """`--resume` needs a checkpoint in `out_dir`; a fresh run must not overwrite one."""
+    if resume and latest_checkpoint(out_dir) is None:
+        raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint; drop --resume")
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise FileExistsError(
+            f"{out_dir} already holds a training run: pass --resume to continue it, "
+            "or choose another folder"
+        )
+
+
 def save_checkpoint(
     out_dir: Path,
     weights_file: str,

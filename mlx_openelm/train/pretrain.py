@@ -23,7 +23,7 @@ from ..config import PRESETS, ModelArgs
 from ..config import preset as preset_args
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
-from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .checkpoint import CHECKPOINTS, check_run_folder
 from .distributed import check_on_rank0, guard
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
@@ -227,13 +227,7 @@ def pretrain(
         export = None if export_hf_path is None else Path(export_hf_path)
         if export is not None and export.exists() and any(export.iterdir()):
             raise FileExistsError(f"{export} already exists: delete it or choose another path")
-        if not resume and latest_checkpoint(out) is not None:
-            raise FileExistsError(
-                f"{out} already holds a training run: pass --resume to continue it, "
-                "or choose another folder"
-            )
-        if resume and latest_checkpoint(out) is None:
-            raise FileNotFoundError(f"nothing to resume: {out} has no checkpoint; drop --resume")
+        check_run_folder(out, resume)
 
     check_on_rank0(check_folders)  # the other machines need not see `out`
     opts = {**PRETRAIN_DEFAULTS, **training}

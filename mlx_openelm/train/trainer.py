@@ -23,9 +23,15 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
-from .checkpoint import check_resume_args, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_resume_args,
+    check_run_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import Example, batch_indices, collate, eval_batches, num_input_tokens, shard
-from .distributed import fingerprint, guard, heartbeat, sync_from_rank0
+from .distributed import check_on_rank0, fingerprint, guard, heartbeat, sync_from_rank0
 from .remat import keyed_blocks
 from .report import MetricsLog, TrainProgress, plot_loss_curve
 
@@ -222,13 +228,7 @@ def train(
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
     writer = rank == 0  # the only rank that reads or writes out_dir (other machines may lack it)
-    if writer and resume and latest_checkpoint(out_dir) is None:
-        raise FileNotFoundError(f"nothing to resume: {out_dir} has no checkpoint; drop --resume")
-    if writer and not resume and latest_checkpoint(out_dir) is not None:
-        raise FileExistsError(
-            f"{out_dir} already holds a training run: pass --resume to continue it, "
-            "or choose another folder"
-        )
+    check_on_rank0(lambda: check_run_folder(out_dir, resume), group)
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
