@@ -278,8 +278,9 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Run one implementation in a fresh interpreter, echoing its progress lines to stderr."""
     env = {**os.environ, **spec.get("env", {})}
     if spec["implementation"] == "torch-reference":
-        # Importing mlx_openelm preloads a BLAS globally; torch's own MKL calls would then bind to
-        # it (measured: prefill 4.7x, decode 3x slower), so the reference process never does.
+        # Importing mlx_openelm preloads a BLAS globally and torch's own BLAS calls then bind to
+        # it (with OpenBLAS measured: prefill 4.7x, decode 3x slower; MKL did no harm), so the
+        # reference process never does.
         env[BLAS_ENV] = "none"
     # The worker starts in a folder of its own: `python -m` puts its working directory first on
     # sys.path, and from a clone of this repository (non-editable install) the source tree's
