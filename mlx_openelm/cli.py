@@ -266,6 +266,36 @@ def fuse(
     )  # fmt: skip
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="MLX model folder or Hub repo id (with tokenizer)")],
+    gguf: Annotated[
+        Path | None, typer.Option(help="Write a GGUF file for llama.cpp, Ollama, LM Studio here")
+    ] = None,
+    gguf_type: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0 or q4_0")] = "f16",
+    hf: Annotated[
+        Path | None, typer.Option(help="Write a Hugging Face OpenELM folder here")
+    ] = None,
+    hf_dtype: Annotated[
+        str | None, typer.Option(help="float32, float16 or bfloat16 for --hf")
+    ] = None,
+    adapter_path: AdapterPath = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the outputs once the new ones are complete")
+    ] = False,
+) -> None:
+    """Export a model (adapters fused in) as GGUF for llama.cpp and/or a Hugging Face folder."""
+    from .train.export import export as run_export
+
+    written = _run(
+        run_export, model=model, gguf_path=gguf, gguf_type=gguf_type, hf_path=hf,
+        hf_dtype=hf_dtype, adapter_path=adapter_path, overwrite=overwrite,
+    )  # fmt: skip
+    for path in written:
+        size = sum(f.stat().st_size for f in [path, *path.rglob("*")] if f.is_file())
+        print(f"wrote {path} ({size / 1e6:.1f} MB)")
+
+
 @app.command("eval")
 def eval_tasks(
     model: Annotated[str, typer.Option(help="MLX model folder or Hub repo id, with tokenizer")],
