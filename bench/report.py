@@ -20,7 +20,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     results, settings = report["results"], report["settings"]
     table = Table(
         title=f"OpenELM {report['model']} ({report['parameters'] / 1e6:.1f}M): batch 1, greedy, "
-        f"KV cache, {settings['gen_tokens']} generated, median of {settings['trials']}"
+        f"KV cache, {settings['gen_tokens']} generated, median ± std of {settings['trials']}"
         + (" (interleaved rounds)" if settings.get("interleave") else "")
     )
     columns = ("implementation", "backend", "dtype", "prompt", "prefill tok/s", "decode tok/s",
@@ -31,11 +31,21 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         checked = f"{r['checked_tokens']} tok" if "checked_tokens" in r else "-"
         table.add_row(
             r["implementation"], r["backend"], r["dtype"], str(r["prompt_tokens"]),
-            f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.2f}", f"{r['ttft_s']:.3f}",
+            _spread(r, "prefill_tps", 1), _spread(r, "decode_tps", 2), f"{r['ttft_s']:.3f}",
             _gib(r["peak_memory_bytes"]), _gib(r["peak_rss_bytes"]), checked,
         )  # fmt: skip
     console.print(table)
-    console.print("peak memory: MLX allocator peak (MLX rows), process peak RSS (PyTorch on CPU)")
+    console.print(
+        "peak memory: MLX allocator peak (MLX rows), process peak RSS (PyTorch on CPU, llama.cpp)"
+    )
+    for r in results:
+        if "llama_bench" in r and r["prompt_tokens"] == results[-1]["prompt_tokens"]:
+            lb = r["llama_bench"]
+            console.print(
+                f"{r['implementation']}: llama-bench {lb['build']}, {lb['model_type']}, KV cache "
+                f"{lb['type_k']}, {r['threads']} threads; prefill = pp N, decode = tg "
+                f"{settings['gen_tokens']} at depth N"
+            )
     for ratio in report["ratios"]:
         console.print(
             f"mlx-openelm / {ratio['implementation']} @ prompt {ratio['prompt_tokens']}: "
@@ -62,6 +72,11 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         )
 
 
+def _spread(r: dict[str, Any], key: str, digits: int) -> str:
+    std = r.get(f"{key}_std")
+    return f"{r[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
 def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -83,11 +98,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ):
         for impl, backend in impls:
             rows = sorted(
-                (r["prompt_tokens"], r[key])
+                (r["prompt_tokens"], r[key], r.get(f"{key}_std", 0.0))
                 for r in report["results"]
                 if (r["implementation"], r["backend"]) == (impl, backend)
             )
-            ax.plot(*zip(*rows, strict=True), marker="o", label=f"{impl} ({backend})")
+            x, y, err = zip(*rows, strict=True)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{impl} ({backend})")
         ax.set(xlabel="prompt tokens", ylabel="tokens/s", title=title)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)

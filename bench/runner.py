@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import llama_cpp as llama
 from .bench import BLAS_ENV, machine_info, measure_bandwidth, run_worker
 from .report import plot, print_report, require_matplotlib
 from .weights import random_folder, uniform_twin
@@ -51,7 +52,8 @@ def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> N
     """Refuse rows whose fp32 greedy tokens differ from the baseline's (PyTorch, else mlx-openelm).
 
     Tokens are compared up to the first position where the baseline's top-2 margin is below `tol`
-    (a near-tie). Each row gets `checked_tokens` (how many were compared) and `checked_against`.
+    (a near-tie). Each row gets `checked_tokens` (how many were compared) and `checked_against`;
+    a row that ran no check (llama.cpp without llama-completion, or not f32) is left out.
     """
     for n in sorted({r["prompt_tokens"] for r in results}):
         rows = {r["implementation"]: r for r in results if r["prompt_tokens"] == n}
@@ -64,6 +66,8 @@ def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> N
         k = next((i for i, m in enumerate(margins) if m < tol), len(margins))
         want = base["check_tokens"][:k]
         for name, row in rows.items():
+            if not row["check_tokens"] and name != base_name:
+                continue
             got = row["check_tokens"][:k]
             if got != want:
                 i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
@@ -76,21 +80,31 @@ def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> N
 
 def merge_trials(merged: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     """Fold one round's rows into `merged` (keyed by implementation and prompt length): trials
-    are pooled and the medians recomputed; peak memory is the highest seen; the check is round 1's.
+    are pooled and the medians (and the mean and std beside them) recomputed; peak memory is the
+    highest seen; the check is round 1's.
     """
     for row in rows:
         key = (row["implementation"], row["prompt_tokens"])
         if key not in merged:
             merged[key] = row
+            _spread(row)
             continue
         m = merged[key]
         for name in ("prefill_tps", "decode_tps", "ttft_s"):
             m[f"{name}_trials"] += row[f"{name}_trials"]
             m[name] = statistics.median(m[f"{name}_trials"])
+        _spread(m)
         m["trials"] = len(m["prefill_tps_trials"])
         m["peak_memory_bytes"] = max(m["peak_memory_bytes"], row["peak_memory_bytes"])
         rss = [x for x in (m["peak_rss_bytes"], row["peak_rss_bytes"]) if x is not None]
         m["peak_rss_bytes"] = max(rss) if rss else None
+
+
+def _spread(row: dict[str, Any]) -> None:
+    for name in ("prefill_tps", "decode_tps"):
+        trials = row[f"{name}_trials"]
+        row[f"{name}_mean"] = statistics.fmean(trials)
+        row[f"{name}_std"] = statistics.stdev(trials) if len(trials) > 1 else 0.0
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -109,7 +123,8 @@ def parse_lengths(lengths: Sequence[int] | str) -> list[int]:
 
 
 def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
-              reference_device, reference_model, trials, json_path, plot_path) -> None:  # fmt: skip
+              reference_device, reference_model, trials, json_path, plot_path,
+              llama_cpp) -> dict[str, str | None] | None:  # fmt: skip
     if sum(x is not None for x in (model, preset, config)) != 1:
         raise ValueError("give exactly one of --model, --preset or --config")
     if dtype not in DTYPES:
@@ -148,6 +163,13 @@ def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, r
                 "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
                 "(or pass --reference none)"
             ) from None
+    if llama_cpp is None:
+        return None
+    from mlx_openelm.gguf_export import require_gguf
+
+    llama.gguf_type(dtype, q_bits)  # refuses a bit width llama.cpp has no type for
+    require_gguf()
+    return llama.find_tools(llama_cpp)
 
 
 def _other_blas(loaded: str | None) -> list[str]:
@@ -202,6 +224,7 @@ def bench(
     plot_path: str | Path | None = None,
     seed: int = 0,
     bandwidth_bytes: int = 2**30,
+    llama_cpp: str | Path | None = None,
 ) -> dict[str, Any]:
     """Time prefill and decode of mlx-openelm, mlx-lm and the PyTorch reference on the same weights.
 
@@ -223,13 +246,17 @@ def bench(
         json_path, plot_path: where to write the JSON report and the PNG plot.
         seed: random weights' seed.
         bandwidth_bytes: array size for the bandwidth measurement behind the roofline.
+        llama_cpp: llama.cpp's build/bin folder (or its llama-bench): adds llama.cpp rows of the
+            same weights as GGUF (see llama_cpp.py), in the token check when llama-completion
+            is there and the weights are f32.
 
     Returns:
         The report (what the JSON file holds). Raises ValueError when an fp32 check disagrees.
     """
     prompt_tokens = parse_lengths(prompt_tokens)
-    _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
-              reference_device, reference_model, trials, json_path, plot_path)  # fmt: skip
+    tools = _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
+                      reference_device, reference_model, trials, json_path, plot_path,
+                      llama_cpp)  # fmt: skip
     console = Console(stderr=True)
     machine = machine_info()
     folder, args, name = _resolve(model, preset, config)
@@ -266,6 +293,13 @@ def bench(
             specs.append({**common, "implementation": UNIFORM, "folder": str(twin_folder)})
             specs += [{**common, "implementation": f"mlx-openelm-{blas}", "env": {BLAS_ENV: blas}}
                       for blas in _other_blas(machine["mlx_blas"])]  # fmt: skip
+        if tools is not None:
+            kind = llama.gguf_type(dtype, q_bits)
+            console.print(f"llama.cpp: exporting the weights as a {kind} GGUF ...")
+            path = llama.export(folder, Path(tmp) / f"model-{kind}.gguf", kind)
+            specs.append({**common, "implementation": llama.NAME, "gguf": str(path),
+                          "gguf_type": kind, "tools": tools,
+                          "threads": llama.threads()})  # fmt: skip
         results = _run_rounds(specs, trials, interleave, console)
     backend = results[0]["backend"]
     bandwidth = measure_bandwidth(bandwidth_bytes, on_gpu=backend != "cpu")
@@ -282,6 +316,7 @@ def bench(
             reference=reference,
             reference_device=reference_device,
             seed=seed,
+            llama_cpp=tools,
         ),
         "machine": machine,
         "roofline": _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results),
@@ -313,7 +348,8 @@ def _run_rounds(specs, trials: int, interleave: bool, console: Console) -> list[
         # Round r starts at the r-th row, so no row always runs first or last.
         for spec in specs[r % len(specs) :] + specs[: r % len(specs)]:
             console.print(f"round {r + 1}/{rounds}: {spec['implementation']} ...")
-            merge_trials(merged, run_worker({**spec, "trials": per_round, "check": r == 0}))
+            run = llama.run if spec["implementation"] == llama.NAME else run_worker
+            merge_trials(merged, run({**spec, "trials": per_round, "check": r == 0}))
             if r == 0:
                 check_agreement(list(merged.values()))  # fail as soon as a row disagrees
     return list(merged.values())

@@ -379,6 +379,10 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the JSON report")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of tok/s here")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+    llama_cpp: Annotated[
+        Path | None,
+        typer.Option(help="llama.cpp's build/bin (or llama-bench): add its rows, same weights"),
+    ] = None,
 ) -> None:
     """Prefill and decode speed: mlx-openelm against mlx-lm and the PyTorch reference (Table 7)."""
     from .bench.runner import bench as run_bench
@@ -388,7 +392,7 @@ def bench(
         gen_tokens=gen_tokens, dtype=dtype, q_bits=q_bits if quantize else None,
         reference=reference, reference_device=reference_device, reference_model=reference_model,
         mlx_lm=mlx_lm, study=study, trials=trials, interleave=interleave, json_path=json_out,
-        plot_path=plot, seed=seed,
+        plot_path=plot, seed=seed, llama_cpp=llama_cpp,
     )  # fmt: skip
 
 

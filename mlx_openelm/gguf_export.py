@@ -187,6 +187,7 @@ def write_gguf(
     tokenizer_file: str | Path | None = None,
     chat_template: str | None = None,
     name: str | None = None,
+    add_bos: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write float OpenELM weights as one GGUF file (atomically: a temporary file, then renamed).
@@ -200,6 +201,7 @@ def write_gguf(
             writes a placeholder vocabulary (see `placeholder_vocab`) for tokenizer-less weights.
         chat_template: recorded as `tokenizer.chat_template` (None for a base model).
         name: `general.name` (default: the output file's stem).
+        add_bos: llama.cpp prepends BOS to a prompt (off for prompts that are raw ids).
         overwrite: replace an existing `out`.
 
     Returns:
@@ -223,7 +225,8 @@ def write_gguf(
         vocab = sentencepiece_vocab(tokenizer_file, args.vocab_size)
     else:
         vocab = placeholder_vocab(args.vocab_size)
-    _add_vocab(writer, *vocab, placeholder=tokenizer_file is None, chat_template=chat_template)
+    _add_vocab(writer, *vocab, placeholder=tokenizer_file is None, chat_template=chat_template,
+               add_bos=add_bos)  # fmt: skip
 
     types = []
     for gguf_name, key, rows in plan:
@@ -247,6 +250,9 @@ def write_gguf(
             w = weights[key] if rows is None else weights[key][rows]
             writer.write_tensor_data(_encode(_to_numpy(w), qtype))
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output shouldn't be
         os.replace(tmp, out)
     finally:
         writer.close()
@@ -280,7 +286,8 @@ def _add_metadata(writer: Any, args: ModelArgs, gguf_type: str, name: str) -> No
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_vocab(writer, tokens, scores, types, special, *, placeholder, chat_template) -> None:
+def _add_vocab(writer, tokens, scores, types, special, *, placeholder, chat_template,
+               add_bos) -> None:  # fmt: skip
     writer.add_tokenizer_model("llama")  # SentencePiece, as Llama-2's
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -290,7 +297,7 @@ def _add_vocab(writer, tokens, scores, types, special, *, placeholder, chat_temp
                       ("unk", writer.add_unk_token_id)):  # fmt: skip
         if kind in special:
             add(special[kind])
-    writer.add_add_bos_token(True)  # OpenELM was trained with BOS first
+    writer.add_add_bos_token(add_bos)  # OpenELM was trained with BOS first
     writer.add_add_eos_token(False)
     if placeholder:
         writer.add_add_space_prefix(False)  # one character, one id: no "▁" in front

@@ -206,6 +206,8 @@ def test_merge_trials_pools_rounds() -> None:
     assert (m["trials"], m["prefill_tps"], m["decode_tps"], m["ttft_s"]) == (3, 100, 9, 0.16)
     assert m["prefill_tps_trials"] == [100, 50, 200] and m["peak_memory_bytes"] == 7
     assert m["check_tokens"] == [1, 2]  # the check comes from the first round
+    assert m["prefill_tps_mean"] == pytest.approx(350 / 3)
+    assert m["prefill_tps_std"] == pytest.approx(76.376, abs=1e-3)  # sample std of the trials
 
 
 def test_worker_ignores_a_source_tree_in_the_working_directory(
@@ -224,3 +226,160 @@ def test_worker_ignores_a_source_tree_in_the_working_directory(
     )  # fmt: skip
     (row,) = run_worker(spec)
     assert row["prompt_tokens"] == 4 and row["decode_tps"] > 0
+
+
+# ---- llama.cpp rows, with stand-ins for llama-bench and llama-completion
+
+FAKE_BENCH = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LLAMA_LOG"], "a") as f:
+    f.write(json.dumps(["llama-bench", *args]) + "\\n")
+if os.environ.get("FAKE_LLAMA_FAIL"):
+    print("llama_model_load: error loading model: unknown model architecture", file=sys.stderr)
+    sys.exit(1)
+opt = lambda name, default: args[args.index(name) + 1] if name in args else default
+assert open(opt("-m", None), "rb").read(4) == b"GGUF"
+reps, tests = int(opt("-r", "5")), []
+for d in map(int, opt("-d", "0").split(",")):
+    tests += [(p, 0, d) for p in map(int, opt("-p", "512").split(",")) if p]
+    tests += [(0, n, d) for n in map(int, opt("-n", "128").split(",")) if n]
+out = []
+for p, n, d in tests:
+    ts = [(1000.0 + p if p else 50.0 + d) + 10 * i for i in range(reps)]
+    out.append(dict(n_prompt=p, n_gen=n, n_depth=d, samples_ts=ts, avg_ts=sum(ts) / reps,
+                    stddev_ts=0.0, backends="CPU", cpu_info="Fake CPU", gpu_info="",
+                    n_threads=int(opt("-t", "4")), build_commit="fake", build_number=1,
+                    model_type="openelm fake", model_size=1, type_k="f16", type_v="f16"))
+print(json.dumps(out, indent=2))
+"""
+
+# Greedy tokens from mlx-openelm itself, printed as llama-completion prints them (losing the
+# last two, as its logger sometimes does at exit).
+FAKE_COMPLETION = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LLAMA_LOG"], "a") as f:
+    f.write(json.dumps(["llama-completion", *args]) + "\\n")
+opt = lambda name: args[args.index(name) + 1]
+import mlx.core as mx, mlx_openelm
+from mlx_openelm.generate import generate_step
+from mlx_openelm.gguf_export import ids_to_placeholder_text, placeholder_text_to_ids
+ids = placeholder_text_to_ids(open(opt("-f"), encoding="utf-8").read())
+model, _, _ = mlx_openelm.load(os.environ["FAKE_LLAMA_MODEL"])
+out = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=int(opt("-n")))]
+if os.environ.get("FAKE_LLAMA_WRONG"):
+    out[1] = 3 if out[1] != 3 else 4
+sys.stdout.write(ids_to_placeholder_text(out[:-2]))
+"""
+
+
+@pytest.fixture
+def fake_llama(tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import sys
+
+    bin_dir = tmp_path / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("llama-bench", FAKE_BENCH), ("llama-completion", FAKE_COMPLETION)):
+        (bin_dir / name).write_text(text.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_LLAMA_MODEL", str(tiny))
+    return bin_dir
+
+
+def _calls(bin_dir: Path) -> list[list[str]]:
+    log = bin_dir.parent.parent / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_llama_cpp_rows_beside_the_mlx_rows(tiny: Path, fake_llama: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny), "--prompt-tokens", "8,16", "--gen-tokens", "6",
+            "--trials", "2", "--reference", "none", "--no-mlx-lm", "--llama-cpp",
+            str(fake_llama), "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {(r["implementation"], r["prompt_tokens"]): r for r in report["results"]}
+    assert set(rows) == {(impl, n) for impl in ("mlx-openelm", "llama.cpp") for n in (8, 16)}
+    from mlx_openelm.bench.llama_cpp import threads
+
+    for n in (8, 16):
+        row = rows["llama.cpp", n]
+        # Two interleaved rounds of llama-bench -r 1: samples pooled, median, mean and std.
+        assert row["prefill_tps_trials"] == [1000.0 + n] * 2
+        assert row["decode_tps_trials"] == [50.0 + n] * 2 and row["decode_tps"] == 50.0 + n
+        assert row["prefill_tps_std"] == 0.0 and row["decode_tps_mean"] == 50.0 + n
+        assert (row["dtype"], row["backend"], row["threads"]) == ("f32", "cpu", threads())
+        assert row["ttft_s"] == pytest.approx(n / (1000.0 + n)) and row["peak_rss_bytes"] > 0
+        # Its greedy tokens joined the check (the fake printed 2 fewer than asked for).
+        assert row["checked_against"] == "mlx-openelm" and row["checked_tokens"] == 6
+        assert row["check_tokens"] == rows["mlx-openelm", n]["check_tokens"]
+    assert any(r["implementation"] == "llama.cpp" for r in report["ratios"])
+    assert report["settings"]["llama_cpp"]["completion"].endswith("llama-completion")
+    assert "llama.cpp: llama-bench fake (1)" in result.output
+
+    calls = _calls(fake_llama)
+    benches = [c for c in calls if c[0] == "llama-bench"]
+    assert len(benches) == 4  # prefill and decode, per round
+    t = str(threads())
+    prefill = ["-t", t, "-r", "1", "-o", "json", "-p", "8,16", "-n", "0"]
+    decode = ["-t", t, "-r", "1", "-o", "json", "-p", "0", "-n", "6", "-d", "8,16"]
+    assert [c[3:] for c in benches] == [prefill, decode] * 2
+    completions = [c for c in calls if c[0] == "llama-completion"]
+    assert len(completions) == 2  # the check: round 1 only, once per prompt length
+    assert all({"--temp", "--ignore-eos", "-no-cnv"} <= set(c) for c in completions)
+    assert all(c[c.index("-ctk") + 1] == "f32" for c in completions)
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokens_that_disagree_are_refused(
+    tiny: Path, fake_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("FAKE_LLAMA_WRONG", "1")
+    with pytest.raises(ValueError, match=r"llama.cpp generated .*first difference at token 1"):
+        runner.bench(model=str(tiny), prompt_tokens=[8], gen_tokens=4, trials=1,
+                     reference="none", mlx_lm=False, llama_cpp=fake_llama,
+                     bandwidth_bytes=2**20)  # fmt: skip
+
+
+def test_llama_cpp_beside_8_bit_rows_is_q8_0_without_a_check(fake_llama, tmp_path) -> None:
+    pytest.importorskip("gguf")
+    config = tmp_path / "config.json"  # every matrix width a multiple of MLX's group of 64
+    config.write_text(json.dumps({**TINY, "head_dim": 32, "ffn_dim_divisor": 64,
+                                  "num_transformer_layers": 2}))  # fmt: skip
+    report = runner.bench(config=config, prompt_tokens=[8], gen_tokens=4, trials=1, q_bits=8,
+                          reference="none", mlx_lm=False, llama_cpp=fake_llama / "llama-bench",
+                          bandwidth_bytes=2**20)  # fmt: skip
+    row = next(r for r in report["results"] if r["implementation"] == "llama.cpp")
+    assert row["dtype"] == "q8_0" and row["check_tokens"] == [] and "checked_tokens" not in row
+    (call,) = {c[c.index("-m") + 1] for c in _calls(fake_llama) if c[0] == "llama-bench"}
+    assert call.endswith("model-q8_0.gguf")
+    assert not [c for c in _calls(fake_llama) if c[0] == "llama-completion"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--llama-cpp", "/no/such/llama"], "no llama-bench there"),
+        (["--llama-cpp", "FAKE", "-q", "--q-bits", "3", "--reference", "none"],
+         "no llama.cpp type for 3-bit"),
+        (["--llama-cpp", "FAKE", "--reference", "none"],
+         "llama-bench failed (exit 1): llama_model_load: error loading model"),
+    ],
+)  # fmt: skip
+def test_llama_cpp_errors_are_one_line(
+    extra: list[str], message: str, tiny: Path, fake_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("FAKE_LLAMA_FAIL", "1")
+    extra = [str(fake_llama) if a == "FAKE" else a for a in extra]
+    args = ["bench", "--model", str(tiny), "--prompt-tokens", "8", "--gen-tokens", "4",
+            "--trials", "1", "--no-mlx-lm", *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
