@@ -53,6 +53,14 @@ def thread_env(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in THREAD_VARS}
 
 
+def _load_gomp() -> bool:
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
+
+
 def load_fast_blas() -> str | None:
     global loaded
     if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
@@ -68,6 +76,10 @@ def load_fast_blas() -> str | None:
         if "blis" in name:
             # BLIS runs single-threaded unless told otherwise.
             os.environ.setdefault("BLIS_NUM_THREADS", str(os.cpu_count() or 1))
+        if "mkl" in name and _load_gomp():
+            # One OpenMP runtime for MKL and our kernels (mlx_openelm/kernels, GNU OpenMP): with
+            # MKL's own (Intel's), its idle threads spin 200 ms after each call and starve ours.
+            os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:

@@ -2,6 +2,8 @@
 
 Parameter names are the Hugging Face checkpoint's own (`transformer.layers.N.attn.qkv_proj`...),
 so a converted state dict loads as is, and a folder we write loads in mlx-lm's `openelm` model too.
+Layers are called through `kernels`, which runs native CPU kernels on a CPU stream and the layers
+themselves (MLX's ops) everywhere else.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 
+from . import kernels
 from .config import ModelArgs
 
 
@@ -53,18 +56,23 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, D = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        qkv = qkv.transpose(0, 2, 1, 3)  # (B, heads, L, head_dim)
-        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, as the reference does
+        qkv = kernels.linear(self.qkv_proj, x).reshape(B, L, -1, self.head_dim)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        # q/k-norm before RoPE, as the reference does; q, k, v: (B, heads, L, head_dim)
+        q, k, v = kernels.attention_inputs(
+            qkv,
+            self.n_heads,
+            self.n_kv_heads,
+            self.get("q_norm"),
+            self.get("k_norm"),
+            self.rope,
+            offset,
+        )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # GQA: the kernel lets each kv head serve n_heads / n_kv_heads query heads.
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        # GQA: each kv head serves n_heads / n_kv_heads query heads.
+        out = kernels.attention(q, k, v, scale=self.scale, mask=mask, cache=cache)  # (B, L, D')
+        return kernels.linear(self.out_proj, out)
 
 
 class MLP(nn.Module):
@@ -76,11 +84,9 @@ class MLP(nn.Module):
         self.proj_2 = nn.Linear(ffn_dim, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.proj_1(x)
-        if self.glu:
-            gate, x = mx.split(x, 2, axis=-1)  # the first half is the gate
-            return self.proj_2(nn.silu(gate) * x)
-        return self.proj_2(nn.silu(x))
+        x = kernels.linear(self.proj_1, x)
+        x = kernels.silu_gate(x) if self.glu else nn.silu(x)  # the first half is the gate
+        return kernels.linear(self.proj_2, x)
 
 
 class TransformerBlock(nn.Module):
@@ -92,8 +98,8 @@ class TransformerBlock(nn.Module):
         self.ffn = MLP(args, layer_id)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        h = x + self.attn(self.attn_norm(x), mask, cache)
-        return h + self.ffn(self.ffn_norm(h))
+        h = x + self.attn(kernels.rms_norm(self.attn_norm, x), mask, cache)
+        return h + self.ffn(kernels.rms_norm(self.ffn_norm, h))
 
 
 class OpenELMModel(nn.Module):
@@ -109,7 +115,7 @@ class OpenELMModel(nn.Module):
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
-        return self.norm(h)
+        return kernels.rms_norm(self.norm, h)
 
 
 class Model(nn.Module):
@@ -126,8 +132,8 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.transformer(inputs, cache)
         if self.args.share_input_output_layers:
-            return self.transformer.token_embeddings.as_linear(h)
-        return self.lm_head(h)
+            return kernels.embedding_as_linear(self.transformer.token_embeddings, h)
+        return kernels.linear(self.lm_head, h)
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -1,0 +1,295 @@
+"""Native CPU kernels for the OpenELM forward pass, running inside MLX's own graph.
+
+MLX's CPU back end on x86 and Linux ARM is scalar (SIMD width 1 outside Apple's Accelerate), runs
+RMSNorm, RoPE and attention as graphs of small ops, and quantized products as a scalar loop. These
+kernels (C++ `Primitive`s with AVX2/FMA and OpenMP, `csrc/`) replace those pieces when the model
+runs on a CPU stream: few-row products for decoding (fp32 and MLX's affine 4/8-bit), dequantize
+for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE) and attention.
+
+Each op here takes what the model has and returns what MLX's own ops would: the kernel when it
+applies (CPU stream, float32, a shape it handles), else the MLX op, so Metal, CUDA, a Mac (which
+builds nothing) and a machine where the build failed run exactly as before. Gradients always come
+from the MLX ops (`mx.custom_function` with the reference as its vjp), so training stays exact.
+
+`MLX_OPENELM_KERNELS=0` turns them off (A/B runs); `status()` says whether they are on and why not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Decoding multiplies one row (a few with batching); above this many rows MKL's sgemm is faster.
+MAX_ROWS = 4
+
+_ext: Any = None
+_why_off: str | None = None
+_loaded = False
+_disabled = 0  # depth of `disabled()` blocks
+
+
+def _load() -> None:
+    global _ext, _why_off, _loaded
+    _loaded = True
+    if os.environ.get("MLX_OPENELM_KERNELS", "1") == "0":
+        _why_off = "off (MLX_OPENELM_KERNELS=0)"
+        return
+    if not sys.platform.startswith("linux"):
+        _why_off = "off (built on Linux only; MLX's Metal and Accelerate paths need none)"
+        return
+    from .build import MODULE, BuildError, build
+
+    try:
+        spec = importlib.util.spec_from_file_location(MODULE, build())
+        ext = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ext)
+        # A nanobind other than mlx's own shows here as a TypeError on mlx.core.array.
+        x = ext.rms_norm(mx.ones((1, 8)), mx.ones((8,)), 1e-6, stream=mx.cpu)
+        mx.eval(x)
+    except BuildError as e:
+        _why_off = f"off ({e})"
+    except Exception as e:  # a broken build or ABI mismatch must never stop the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _why_off = f"off (the built kernels do not load with this mlx: {first})"
+    else:
+        _ext = ext
+    if _why_off and not _why_off.startswith("off (MLX_OPENELM"):
+        print(f"mlx-openelm: CPU kernels {_why_off}; running MLX's own ops", file=sys.stderr)
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them on the first call)."""
+    if not _loaded:
+        _load()
+    return _ext is not None
+
+
+def status() -> str:
+    """One line for reports: 'on (AVX2, 2 threads)' or 'off (why)'."""
+    if not available():
+        return _why_off or "off"
+    simd = "AVX2/FMA" if _ext.avx2 else "portable C++"
+    return f"on ({simd}, {_ext.threads()} threads)"
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """MLX's own ops inside the block: A/B comparisons in one process."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def _on_cpu(*arrays: mx.array) -> bool:
+    return (
+        not _disabled
+        and available()
+        and mx.default_device() == mx.cpu
+        and all(a.dtype == mx.float32 for a in arrays)
+    )
+
+
+def _with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
+    """`kernel` forward, `reference`'s gradients."""
+    fn = mx.custom_function(kernel)
+
+    @fn.vjp
+    def _vjp(primals, cotangents, outputs):
+        # One input or output comes as an array, several as a tuple; answer in kind.
+        single = isinstance(primals, mx.array)
+        _, grads = mx.vjp(
+            lambda *a: _as_list(reference(*a)), _as_list(primals), _as_list(cotangents)
+        )
+        return grads[0] if single else tuple(grads)
+
+    return fn
+
+
+def _as_list(out: Any) -> list[mx.array]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+# ---- products -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _linear_fn() -> Callable:
+    return _with_reference_vjp(_ext.linear, lambda x, w: x @ w.T)
+
+
+@functools.cache
+def _quantized_fn(group_size: int, bits: int) -> Callable:
+    def reference(x, w, scales, biases):
+        return mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
+
+    def kernel(x, w, scales, biases):
+        if x.size // x.shape[-1] <= MAX_ROWS:
+            return _ext.quantized_linear(x, w, scales, biases, group_size, bits)
+        return x @ _ext.dequantize(w, scales, biases, group_size, bits).T
+
+    return _with_reference_vjp(kernel, reference)
+
+
+def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
+    return (
+        getattr(layer, "mode", "affine") == "affine"
+        and layer.bits in (4, 8)
+        and layer.group_size % 8 == 0
+        and "biases" in layer
+        and _on_cpu(x)
+    )
+
+
+def linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """`layer(x)` for an `nn.Linear` or `nn.QuantizedLinear` without bias, through the kernels."""
+    if "bias" not in layer:
+        if type(layer) is nn.Linear and x.size // x.shape[-1] <= MAX_ROWS:
+            if _on_cpu(x, layer.weight):
+                return _linear_fn()(x, layer.weight)
+        elif type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
+            fn = _quantized_fn(layer.group_size, layer.bits)
+            return fn(x, layer.weight, layer.scales, layer.biases)
+    return layer(x)
+
+
+def embedding_as_linear(embedding: nn.Module, x: mx.array) -> mx.array:
+    """The tied output head, `embedding.as_linear(x)`, through the kernels."""
+    if type(embedding) is nn.Embedding and x.size // x.shape[-1] <= MAX_ROWS:
+        if _on_cpu(x, embedding.weight):
+            return _linear_fn()(x, embedding.weight)
+    elif type(embedding) is nn.QuantizedEmbedding and _quantized_ok(embedding, x):
+        fn = _quantized_fn(embedding.group_size, embedding.bits)
+        return fn(x, embedding.weight, embedding.scales, embedding.biases)
+    return embedding.as_linear(x)
+
+
+# ---- normalisation, gate, attention -------------------------------------------------------------
+
+
+@functools.cache
+def _rms_norm_fn(eps: float) -> Callable:
+    return _with_reference_vjp(
+        lambda x, w: _ext.rms_norm(x, w, eps), lambda x, w: mx.fast.rms_norm(x, w, eps)
+    )
+
+
+def rms_norm(norm: nn.Module, x: mx.array) -> mx.array:
+    """`norm(x)` for an `nn.RMSNorm`, through the kernel."""
+    if type(norm) is nn.RMSNorm and _on_cpu(x, norm.weight):
+        return _rms_norm_fn(norm.eps)(x, norm.weight)
+    return norm(x)
+
+
+def _silu_gate_reference(x: mx.array) -> mx.array:
+    gate, x = mx.split(x, 2, axis=-1)  # the first half is the gate
+    return nn.silu(gate) * x
+
+
+@functools.cache
+def _silu_gate_fn() -> Callable:
+    return _with_reference_vjp(_ext.silu_gate, _silu_gate_reference)
+
+
+def silu_gate(x: mx.array) -> mx.array:
+    """silu(x[..., :F]) * x[..., F:] (OpenELM's SwiGLU, the gate first)."""
+    if _on_cpu(x):
+        return _silu_gate_fn()(x)
+    return _silu_gate_reference(x)
+
+
+def attention_inputs(
+    qkv: mx.array,
+    n_heads: int,
+    n_kv_heads: int,
+    q_norm: nn.Module | None,
+    k_norm: nn.Module | None,
+    rope: nn.RoPE,
+    offset: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv (B, L, n_heads + 2 n_kv_heads, head_dim) -> q, k, v (B, heads, L, head_dim), with q/k
+    RMS-normed (when the norms are given) and rotated from position `offset`."""
+    norms = [q_norm, k_norm] if q_norm is not None else []
+
+    def reference(qkv, *weights):
+        q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [n_heads, n_heads + n_kv_heads], axis=1)
+        if norms:
+            if weights:  # differentiating the kernel: the norms as functions of their weights
+                q, k = (mx.fast.rms_norm(t, w, n.eps) for t, w, n in zip((q, k), weights, norms))
+            else:
+                q, k = q_norm(q), k_norm(k)  # before RoPE, as the reference does
+        return rope(q, offset=offset), rope(k, offset=offset), v
+
+    usable = (
+        all(type(n) is nn.RMSNorm for n in norms)
+        and type(rope) is nn.RoPE
+        and not rope.traditional
+        and rope.dims == qkv.shape[-1]
+        and rope.scale == 1.0
+        and isinstance(offset, int)
+        and _on_cpu(qkv, *(n.weight for n in norms))
+    )
+    if not usable:
+        return reference(qkv)
+    fn = _attention_inputs_fn(n_heads, n_kv_heads, norms[0].eps if norms else 0.0, rope.base,
+                              qkv.shape[-1], offset, reference)  # fmt: skip
+    return tuple(fn(qkv, *(n.weight for n in norms)))
+
+
+def _attention_inputs_fn(nq, nkv, eps, base, head_dim, offset, reference) -> Callable:
+    freqs = _inv_freqs(base, head_dim)
+
+    def kernel(qkv, *weights):
+        qw, kw = weights if weights else (None, None)
+        return _ext.attention_inputs(qkv, nq, nkv, qw, kw, eps, freqs, offset)
+
+    return _with_reference_vjp(kernel, reference)
+
+
+@functools.cache
+def _inv_freqs(base: float, dims: int) -> mx.array:
+    # As MLX's RoPE makes them (fast.cpp's fallback), so the angles match to the bit.
+    half = dims // 2
+    freqs = mx.exp(
+        mx.arange(0, -half, -1, dtype=mx.float32) * (float(mx.log(mx.array(base)).item()) / half)
+    )
+    mx.eval(freqs)
+    return freqs
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Any, cache: Any
+) -> mx.array:
+    """Attention of q (B, nq, L, hd) over k, v (B, nkv, S, hd) -> (B, L, nq * hd)."""
+    B, _, L, _ = q.shape
+    plain_cache = cache is None or not hasattr(cache, "bits")  # not a quantized KV cache
+    if plain_cache and (mask is None or isinstance(mask, str) and mask == "causal"):
+        if _on_cpu(q, k, v):
+            return _attention_fn(scale, mask is not None)(q, k, v).reshape(B, L, -1)
+    return _attention_reference(q, k, v, scale=scale, mask=mask, cache=cache).reshape(B, L, -1)
+
+
+def _attention_reference(q, k, v, *, scale, mask, cache=None) -> mx.array:
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3)
+
+
+@functools.cache
+def _attention_fn(scale: float, causal: bool) -> Callable:
+    mask = "causal" if causal else None
+    return _with_reference_vjp(
+        lambda q, k, v: _ext.attention(q, k, v, scale, causal),
+        lambda q, k, v: _attention_reference(q, k, v, scale=scale, mask=mask),
+    )

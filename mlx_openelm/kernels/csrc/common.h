@@ -1,0 +1,129 @@
+// Shared pieces of the CPU kernels: the primitive base, threading, contiguous inputs, AVX2 math.
+#pragma once
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define OE_AVX2 1
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace oe {
+
+// Each kernel is a Primitive with a CPU implementation only; the Python side sends other devices
+// (and gradients) to MLX's own ops.
+class CpuPrimitive : public mx::Primitive {
+ public:
+  explicit CpuPrimitive(mx::Stream s) : mx::Primitive(s) {}
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " has no GPU kernel");
+  }
+};
+
+inline void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+inline mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  require(stream.device == mx::Device::cpu, "mlx_openelm kernels run on the CPU only");
+  return stream;
+}
+
+inline void alloc(mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// Row-major data of `a`: `a` itself when it is, else a copy (a task queued on the stream ahead of
+// the caller's, kept alive by the encoder).
+inline mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& enc) {
+  if (a.flags().row_contiguous) return a;
+  mx::array c(a.shape(), a.dtype(), nullptr, {});
+  alloc(c);
+  enc.dispatch([src = a.data<char>(), dst = c.data<char>(), shape = a.shape(),
+                strides = a.strides(), item = a.itemsize(), n = a.size()]() {
+    std::vector<int64_t> idx(shape.size(), 0);
+    for (size_t i = 0; i < n; i++) {
+      int64_t off = 0;
+      for (size_t d = 0; d < shape.size(); d++) off += idx[d] * strides[d];
+      std::memcpy(dst + i * item, src + off * item, item);
+      for (int d = int(shape.size()) - 1; d >= 0; d--) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+  });
+  enc.add_temporary(c);
+  return c;
+}
+
+// Split [0, n) over the OpenMP team; small jobs stay on the calling thread.
+template <class F>
+inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
+  int threads = omp_get_max_threads();
+  if (min_per_thread > 0) threads = int(std::min<int64_t>(threads, std::max<int64_t>(1, n / min_per_thread)));
+  if (threads <= 1) {
+    f(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t begin = n * t / nt, end = n * (t + 1) / nt;
+    if (begin < end) f(begin, end);
+  }
+}
+
+#ifdef OE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats: Cephes' polynomial, ~2 ulp, exp(x < -87.3) = 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365448f), hi = _mm256_set1_ps(88.3762626f);
+  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return _mm256_andnot_ps(underflow, y);
+}
+#endif
+
+}  // namespace oe

@@ -1,0 +1,42 @@
+// The ops the Python module binds: each builds an array whose primitive runs a CPU kernel.
+#pragma once
+
+#include <optional>
+
+#include "common.h"
+
+namespace oe {
+
+// x (..., K) @ w.T, w (N, K): for a few rows (decoding).
+mx::array linear(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+
+// The same with MLX's affine quantized w (N, K*bits/32 uint32), scales and biases (N, K/group).
+mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
+
+// MLX's affine quantized w as float32 (N, K).
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int group_size, int bits, mx::StreamOrDevice s = {});
+
+// x * rsqrt(mean(x^2) + eps) * weight over the last axis.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
+                   mx::StreamOrDevice s = {});
+
+// silu(x[..., :F]) * x[..., F:] for x (..., 2F).
+mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s = {});
+
+// qkv (B, L, nq + 2 nkv, hd) -> q (B, nq, L, hd), k, v (B, nkv, L, hd): q/k RMS-normed over hd
+// (when weights are given), then rotated (NeoX RoPE, positions offset.., inv_freqs (hd/2,)).
+std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n_kv_heads,
+                                        const std::optional<mx::array>& q_weight,
+                                        const std::optional<mx::array>& k_weight, float eps,
+                                        const mx::array& inv_freqs, int offset,
+                                        mx::StreamOrDevice s = {});
+
+// softmax(scale q k^T [causal]) v for q (B, nq, L, hd), k, v (B, nkv, S, hd) (strided views of
+// a cache are fine); query i sees keys up to S - L + i when causal. Returns (B, L, nq, hd).
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    bool causal, mx::StreamOrDevice s = {});
+
+}  // namespace oe

@@ -1,0 +1,315 @@
+// Few-row products x @ W.T for decoding: fp32 weights, and MLX's affine 4/8-bit weights.
+//
+// A decode step multiplies one row by every weight matrix, so it is bound by how fast the weights
+// stream from memory. MLX sends that row to cblas_sgemm (or, quantized, to a scalar loop); these
+// read each weight row once for all M input rows, eight lanes at a time, over all cores.
+#include "kernels.h"
+
+namespace oe {
+
+namespace {
+
+// out[m, n] = x[m] . w[n] for n in [n0, n1), MR input rows at a time.
+template <int MR>
+void f32_rows(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
+              int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const float* wr = w + n * K;
+    int64_t k = 0;
+    float acc_s[MR] = {};
+#ifdef OE_AVX2
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
+      for (int m = 0; m < MR; m++) {
+        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MR; m++) acc_s[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+#endif
+    for (; k < K; k++)
+      for (int m = 0; m < MR; m++) acc_s[m] += wr[k] * x[m * K + k];
+    for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m];
+  }
+}
+
+template <int MR>
+void f32_block(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N) {
+  parallel_for(N, 64, [&](int64_t n0, int64_t n1) { f32_rows<MR>(x, w, out, M, K, N, n0, n1); });
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(mx::float16_t v) { return static_cast<float>(v); }
+inline float to_f32(mx::bfloat16_t v) { return static_cast<float>(v); }
+
+#ifdef OE_AVX2
+// Eight weights of row `p` starting at element k (a multiple of 8), as floats.
+template <int BITS>
+inline __m256 unpack8(const uint8_t* p, int64_t k) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + k))));
+  } else {  // eight nibbles of one uint32, lowest first
+    uint32_t word;
+    std::memcpy(&word, p + k / 2, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  }
+}
+#endif
+
+template <int BITS>
+inline float qvalue(const uint8_t* p, int64_t k) {
+  if constexpr (BITS == 8) return p[k];
+  else return float((p[k / 2] >> (4 * (k % 2))) & 15);
+}
+
+// out[m, n] = sum_g scale[n,g] * (x[m,g] . q[n,g]) + bias[n,g] * sum(x[m,g]); xsum holds the sums.
+template <int BITS, int MR, typename S>
+void q_rows(const float* x, const float* xsum, const uint8_t* w, const S* scales, const S* biases,
+            float* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
+  const int64_t groups = K / gs, row_bytes = K * BITS / 8;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* wr = w + n * row_bytes;
+    const S* sr = scales + n * groups;
+    const S* br = biases + n * groups;
+    float bias_acc[MR] = {}, acc_s[MR] = {};
+#ifdef OE_AVX2
+    __m256 acc[MR];
+    for (int m = 0; m < MR; m++) acc[m] = _mm256_setzero_ps();
+#endif
+    for (int64_t g = 0; g < groups; g++) {
+      const float s = to_f32(sr[g]), b = to_f32(br[g]);
+      for (int m = 0; m < MR; m++) bias_acc[m] += b * xsum[m * groups + g];
+      const int64_t k0 = g * gs;
+#ifdef OE_AVX2
+      __m256 gacc[MR];
+      for (int m = 0; m < MR; m++) gacc[m] = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k0 + gs; k += 8) {
+        __m256 wv = unpack8<BITS>(wr, k);
+        for (int m = 0; m < MR; m++)
+          gacc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), gacc[m]);
+      }
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int m = 0; m < MR; m++) acc[m] = _mm256_fmadd_ps(gacc[m], sv, acc[m]);
+#else
+      for (int m = 0; m < MR; m++) {
+        float d = 0;
+        for (int64_t k = k0; k < k0 + gs; k++) d += qvalue<BITS>(wr, k) * x[m * K + k];
+        acc_s[m] += s * d;
+      }
+#endif
+    }
+#ifdef OE_AVX2
+    for (int m = 0; m < MR; m++) acc_s[m] = hsum(acc[m]);
+#endif
+    for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m] + bias_acc[m];
+  }
+}
+
+template <int BITS, typename S>
+void q_block(int64_t mr, const float* x, const float* xsum, const uint8_t* w, const S* scales,
+             const S* biases, float* out, int64_t K, int64_t N, int64_t gs) {
+  parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
+    switch (mr) {
+      case 1: return q_rows<BITS, 1>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
+      case 2: return q_rows<BITS, 2>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
+      case 3: return q_rows<BITS, 3>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
+      default: return q_rows<BITS, 4>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
+    }
+  });
+}
+
+template <int BITS, typename S>
+void dequantize_rows(const uint8_t* w, const S* scales, const S* biases, float* out, int64_t K,
+                     int64_t gs, int64_t n0, int64_t n1) {
+  const int64_t groups = K / gs;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* wr = w + n * K * BITS / 8;
+    for (int64_t g = 0; g < groups; g++) {
+      const float s = to_f32(scales[n * groups + g]), b = to_f32(biases[n * groups + g]);
+      float* o = out + n * K;
+      int64_t k = g * gs;
+#ifdef OE_AVX2
+      const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
+      for (; k + 8 <= (g + 1) * gs; k += 8)
+        _mm256_storeu_ps(o + k, _mm256_fmadd_ps(unpack8<BITS>(wr, k), sv, bv));
+#endif
+      for (; k < (g + 1) * gs; k++) o[k] = qvalue<BITS>(wr, k) * s + b;
+    }
+  }
+}
+
+void check_quantized(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int group_size, int bits) {
+  require(bits == 4 || bits == 8, "quantized: bits must be 4 or 8");
+  require(group_size % 8 == 0 && group_size > 0, "quantized: group size must be a multiple of 8");
+  require(w.dtype() == mx::uint32 && w.ndim() == 2, "quantized: w must be uint32 (N, K*bits/32)");
+  int64_t K = w.shape(1) * 32 / bits;
+  require(K % group_size == 0, "quantized: K must be a multiple of the group size");
+  require(scales.dtype() == biases.dtype() &&
+              (scales.dtype() == mx::float32 || scales.dtype() == mx::float16 ||
+               scales.dtype() == mx::bfloat16),
+          "quantized: scales and biases must share a float dtype");
+  require(scales.shape() == mx::Shape{w.shape(0), int(K / group_size)} &&
+              biases.shape() == scales.shape(),
+          "quantized: scales/biases must be (N, K / group_size)");
+}
+
+}  // namespace
+
+// ---- fp32 -------------------------------------------------------------------------------------
+
+class LinearF32 : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  const char* name() const override { return "OpenELMLinear"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), op = out.data<float>(), M, K, N]() {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        int64_t mr = std::min<int64_t>(4, M - m0);
+        const float* xm = xp + m0 * K;
+        float* om = op + m0 * N;
+        switch (mr) {
+          case 1: f32_block<1>(xm, wp, om, mr, K, N); break;
+          case 2: f32_block<2>(xm, wp, om, mr, K, N); break;
+          case 3: f32_block<3>(xm, wp, om, mr, K, N); break;
+          default: f32_block<4>(xm, wp, om, mr, K, N);
+        }
+      }
+    });
+  }
+};
+
+mx::array linear(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+  require(x.dtype() == mx::float32 && w.dtype() == mx::float32, "linear: float32 only");
+  require(w.ndim() == 2 && x.ndim() >= 1 && x.shape(-1) == w.shape(1),
+          "linear: x (..., K) and w (N, K) do not match");
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(shape, mx::float32, std::make_shared<LinearF32>(cpu_stream(s)), {x, w});
+}
+
+// ---- MLX affine quantized -----------------------------------------------------------------------
+
+class QuantizedLinear : public CpuPrimitive {
+ public:
+  QuantizedLinear(mx::Stream s, int group_size, int bits)
+      : CpuPrimitive(s), group_size_(group_size), bits_(bits) {}
+  const char* name() const override { return "OpenELMQuantizedLinear"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedLinear&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc);
+    auto scales = row_contiguous(inputs[2], enc), biases = row_contiguous(inputs[3], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K, gs = group_size_;
+    auto run = [&](auto tag) {
+      using S = decltype(tag);
+      enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<S>(),
+                    bp = biases.data<S>(), op = out.data<float>(), M, K, N, gs, bits = bits_]() {
+        const int64_t groups = K / gs;
+        std::vector<float> xsum(M * groups);
+        for (int64_t i = 0; i < M * groups; i++) {
+          float t = 0;
+          for (int64_t k = 0; k < gs; k++) t += xp[i * gs + k];
+          xsum[i] = t;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          int64_t mr = std::min<int64_t>(4, M - m0);
+          if (bits == 8)
+            q_block<8, S>(mr, xp + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
+          else
+            q_block<4, S>(mr, xp + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
+        }
+      });
+    };
+    switch (scales.dtype()) {
+      case mx::float32: run(float{}); break;
+      case mx::float16: run(mx::float16_t{}); break;
+      default: run(mx::bfloat16_t{});
+    }
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits,
+                           mx::StreamOrDevice s) {
+  check_quantized(w, scales, biases, group_size, bits);
+  require(x.dtype() == mx::float32, "quantized_linear: float32 activations only");
+  require(x.ndim() >= 1 && x.shape(-1) == w.shape(1) * 32 / bits,
+          "quantized_linear: x (..., K) does not match w");
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(shape, mx::float32,
+                   std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits),
+                   {x, w, scales, biases});
+}
+
+
+// ---- dequantize (prefill with quantized weights: dequantize once, then one sgemm) ---------------
+
+class Dequantize : public CpuPrimitive {
+ public:
+  Dequantize(mx::Stream s, int group_size, int bits)
+      : CpuPrimitive(s), group_size_(group_size), bits_(bits) {}
+  const char* name() const override { return "OpenELMDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Dequantize&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto w = row_contiguous(inputs[0], enc), scales = row_contiguous(inputs[1], enc),
+         biases = row_contiguous(inputs[2], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    int64_t N = out.shape(0), K = out.shape(1), gs = group_size_;
+    auto run = [&](auto tag) {
+      using S = decltype(tag);
+      enc.dispatch([wp = w.data<uint8_t>(), sp = scales.data<S>(), bp = biases.data<S>(),
+                    op = out.data<float>(), N, K, gs, bits = bits_]() {
+        parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
+          if (bits == 8) dequantize_rows<8>(wp, sp, bp, op, K, gs, n0, n1);
+          else dequantize_rows<4>(wp, sp, bp, op, K, gs, n0, n1);
+        });
+      });
+    };
+    switch (scales.dtype()) {
+      case mx::float32: run(float{}); break;
+      case mx::float16: run(mx::float16_t{}); break;
+      default: run(mx::bfloat16_t{});
+    }
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int group_size, int bits, mx::StreamOrDevice s) {
+  check_quantized(w, scales, biases, group_size, bits);
+  return mx::array({w.shape(0), int(w.shape(1) * 32 / bits)}, mx::float32,
+                   std::make_shared<Dequantize>(cpu_stream(s), group_size, bits),
+                   {w, scales, biases});
+}
+
+}  // namespace oe

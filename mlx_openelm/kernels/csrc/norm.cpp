@@ -1,0 +1,215 @@
+// RMSNorm, the SiLU gate and the attention inputs (split, q/k-norm, RoPE) as one pass each.
+//
+// On the CPU MLX runs RMSNorm and RoPE as graphs of separate ops, and exp one element at a time;
+// per layer that is dozens of small passes over the activations.
+#include "kernels.h"
+
+namespace oe {
+
+namespace {
+
+// out = x * rsqrt(mean(x^2) + eps) * w over one row of D.
+inline void rms_row(const float* x, const float* w, float* out, int64_t D, float eps) {
+  int64_t k = 0;
+  float ss = 0;
+#ifdef OE_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; k + 8 <= D; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  ss = hsum(acc);
+#endif
+  for (; k < D; k++) ss += x[k] * x[k];
+  const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+  k = 0;
+#ifdef OE_AVX2
+  const __m256 rv = _mm256_set1_ps(r);
+  for (; k + 8 <= D; k += 8)
+    _mm256_storeu_ps(out + k,
+                     _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), rv), _mm256_loadu_ps(w + k)));
+#endif
+  for (; k < D; k++) out[k] = x[k] * r * w[k];
+}
+
+}  // namespace
+
+class RMSNorm : public CpuPrimitive {
+ public:
+  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
+  const char* name() const override { return "OpenELMRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    return eps_ == static_cast<const RMSNorm&>(o).eps_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    int64_t D = x.shape(-1), rows = x.size() / D;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), op = out.data<float>(), D, rows,
+                  eps = eps_]() {
+      parallel_for(rows, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) rms_row(xp + r * D, wp, op + r * D, D, eps);
+      });
+    });
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32, "rms_norm: float32 only");
+  require(weight.ndim() == 1 && x.ndim() >= 1 && x.shape(-1) == weight.shape(0),
+          "rms_norm: weight must be (D,) for x (..., D)");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(cpu_stream(s), eps),
+                   {x, weight});
+}
+
+class SiluGate : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  const char* name() const override { return "OpenELMSiluGate"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    int64_t F = out.shape(-1), rows = out.size() / F;
+    enc.dispatch([xp = x.data<float>(), op = out.data<float>(), F, rows]() {
+      parallel_for(rows, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+          const float *a = xp + r * 2 * F, *b = a + F;
+          float* o = op + r * F;
+          int64_t k = 0;
+#ifdef OE_AVX2
+          const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+          for (; k + 8 <= F; k += 8) {
+            __m256 av = _mm256_loadu_ps(a + k);
+            __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, av))));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_mul_ps(av, sig), _mm256_loadu_ps(b + k)));
+          }
+#endif
+          for (; k < F; k++) o[k] = a[k] / (1.0f + std::exp(-a[k])) * b[k];
+        }
+      });
+    });
+  }
+};
+
+mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s) {
+  require(x.dtype() == mx::float32, "silu_gate: float32 only");
+  require(x.ndim() >= 1 && x.shape(-1) % 2 == 0, "silu_gate: the last axis must be even");
+  auto shape = x.shape();
+  shape.back() /= 2;
+  return mx::array(shape, mx::float32, std::make_shared<SiluGate>(cpu_stream(s)), {x});
+}
+
+class AttentionInputs : public CpuPrimitive {
+ public:
+  AttentionInputs(mx::Stream s, int nq, int nkv, bool qk_norm, float eps, int offset)
+      : CpuPrimitive(s), nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
+  const char* name() const override { return "OpenELMAttentionInputs"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttentionInputs&>(other);
+    return nq_ == o.nq_ && nkv_ == o.nkv_ && qk_norm_ == o.qk_norm_ && eps_ == o.eps_ &&
+           offset_ == o.offset_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto qkv = row_contiguous(inputs[0], enc), freqs = row_contiguous(inputs[1], enc);
+    std::optional<mx::array> qw, kw;
+    if (qk_norm_) {
+      qw = row_contiguous(inputs[2], enc);
+      kw = row_contiguous(inputs[3], enc);
+    }
+    for (auto& o : outputs) alloc(o);
+    const int64_t B = qkv.shape(0), L = qkv.shape(1), H = qkv.shape(2), hd = qkv.shape(3);
+    enc.dispatch([src = qkv.data<float>(), fp = freqs.data<float>(),
+                  qwp = qw ? qw->data<float>() : nullptr, kwp = kw ? kw->data<float>() : nullptr,
+                  qp = outputs[0].data<float>(), kp = outputs[1].data<float>(),
+                  vp = outputs[2].data<float>(), B, L, H, hd, nq = int64_t(nq_),
+                  nkv = int64_t(nkv_), eps = eps_, offset = offset_]() {
+      const int64_t half = hd / 2;
+      // The angles as MLX's RoPE makes them: float(position) * inv_freq, in float32.
+      std::vector<float> cos_t(L * half), sin_t(L * half);
+      for (int64_t l = 0; l < L; l++)
+        for (int64_t i = 0; i < half; i++) {
+          float theta = float(offset + l) * fp[i];
+          cos_t[l * half + i] = std::cos(theta);
+          sin_t[l * half + i] = std::sin(theta);
+        }
+      parallel_for(B * L, 8, [&](int64_t r0, int64_t r1) {
+        std::vector<float> tmp(hd);
+        for (int64_t r = r0; r < r1; r++) {
+          const int64_t b = r / L, l = r % L;
+          const float* row = src + r * H * hd;
+          const float *c = cos_t.data() + l * half, *sn = sin_t.data() + l * half;
+          for (int64_t h = 0; h < H; h++) {
+            const float* x = row + h * hd;
+            float* dst;
+            if (h < nq) dst = qp + ((b * nq + h) * L + l) * hd;
+            else if (h < nq + nkv) dst = kp + ((b * nkv + h - nq) * L + l) * hd;
+            else {
+              std::memcpy(vp + ((b * nkv + h - nq - nkv) * L + l) * hd, x, hd * sizeof(float));
+              continue;
+            }
+            const float* w = h < nq ? qwp : kwp;
+            if (w) {
+              rms_row(x, w, tmp.data(), hd, eps);
+              x = tmp.data();
+            }
+            for (int64_t i = 0; i < half; i++) {
+              float x1 = x[i], x2 = x[i + half];
+              dst[i] = x1 * c[i] - x2 * sn[i];
+              dst[i + half] = x1 * sn[i] + x2 * c[i];
+            }
+          }
+        }
+      });
+    });
+  }
+
+ private:
+  int nq_, nkv_;
+  bool qk_norm_;
+  float eps_;
+  int offset_;
+};
+
+std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n_kv_heads,
+                                        const std::optional<mx::array>& q_weight,
+                                        const std::optional<mx::array>& k_weight, float eps,
+                                        const mx::array& inv_freqs, int offset,
+                                        mx::StreamOrDevice s) {
+  require(qkv.dtype() == mx::float32 && inv_freqs.dtype() == mx::float32,
+          "attention_inputs: float32 only");
+  require(qkv.ndim() == 4 && qkv.shape(2) == n_heads + 2 * n_kv_heads && qkv.shape(3) % 2 == 0,
+          "attention_inputs: qkv must be (B, L, n_heads + 2 n_kv_heads, head_dim)");
+  const int hd = qkv.shape(3);
+  require(inv_freqs.ndim() == 1 && inv_freqs.shape(0) == hd / 2,
+          "attention_inputs: inv_freqs must be (head_dim / 2,)");
+  require(bool(q_weight) == bool(k_weight), "attention_inputs: give both norm weights or neither");
+  require(offset >= 0, "attention_inputs: offset must be >= 0");
+  std::vector<mx::array> in = {qkv, inv_freqs};
+  if (q_weight) {
+    require(q_weight->dtype() == mx::float32 && k_weight->dtype() == mx::float32 &&
+                q_weight->shape() == mx::Shape{hd} && k_weight->shape() == mx::Shape{hd},
+            "attention_inputs: norm weights must be float32 (head_dim,)");
+    in.push_back(*q_weight);
+    in.push_back(*k_weight);
+  }
+  const int B = qkv.shape(0), L = qkv.shape(1);
+  auto prim = std::make_shared<AttentionInputs>(cpu_stream(s), n_heads, n_kv_heads, bool(q_weight),
+                                                eps, offset);
+  return mx::array::make_arrays(
+      {{B, n_heads, L, hd}, {B, n_kv_heads, L, hd}, {B, n_kv_heads, L, hd}},
+      {mx::float32, mx::float32, mx::float32}, prim, in);
+}
+
+}  // namespace oe

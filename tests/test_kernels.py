@@ -1,0 +1,282 @@
+"""The native CPU kernels against the MLX ops they replace, one by one and in the whole model.
+
+Shapes come from the four presets (model dims 1280-3072, head dims 64/128, GQA 4:1, FFN widths up to
+12288) plus odd sizes that leave SIMD tails; fp32 must agree within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from mlx_openelm import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels {kernels.status()}")
+
+RTOL = 1e-5
+
+
+def close(a: mx.array, b: mx.array, rtol: float = RTOL) -> None:
+    """max |a - b| within rtol of b's largest magnitude."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    err, scale = mx.abs(a - b).max().item(), mx.abs(b).max().item()
+    assert err <= rtol * max(scale, 1e-30), f"max abs diff {err:.3g} for max |ref| {scale:.3g}"
+
+
+def both(fn, *args):
+    """fn(*args) through the kernels and through MLX's ops."""
+    fast = fn(*args)
+    with kernels.disabled():
+        ref = fn(*args)
+    mx.eval(fast, ref)
+    return fast, ref
+
+
+def normal(*shape, seed=0):
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n", [(1280, 1920), (1536, 300), (2048, 77), (3072, 129), (12288, 40),
+                                 (1283, 37), (5, 3)])  # fmt: skip
+def test_linear_matches_matmul(rows, k, n):
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = normal(n, k, seed=1) * k**-0.5
+    x = normal(1, rows, k)
+    close(*both(kernels.linear, layer, x))
+
+
+def test_linear_leaves_many_rows_and_biases_to_mlx():
+    layer = nn.Linear(64, 32, bias=True)
+    x = normal(1, 3, 64)
+    fast, ref = both(kernels.linear, layer, x)
+    assert mx.array_equal(fast, ref)  # the same op ran
+    layer = nn.Linear(64, 32, bias=False)
+    x = normal(2, 9, 64)
+    assert mx.array_equal(*both(kernels.linear, layer, x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 7])  # 7 > MAX_ROWS: dequantize, then sgemm
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_quantized_linear_matches_mlx(bits, group_size, rows, dtype):
+    k, n = 1280, 300
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = (normal(n, k, seed=2) * k**-0.5).astype(dtype)
+    layer = nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=bits)
+    layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    x = normal(1, rows, k)
+    close(*both(kernels.linear, layer, x))
+
+
+def test_quantized_tied_head_matches_mlx():
+    emb = nn.Embedding(1000, 256)
+    emb.weight = normal(1000, 256, seed=3) * 0.1
+    q = nn.QuantizedEmbedding.from_embedding(emb, group_size=64, bits=4)
+    for rows in (1, 6):
+        close(*both(kernels.embedding_as_linear, q, normal(1, rows, 256)))
+    close(*both(kernels.embedding_as_linear, emb, normal(1, 1, 256)))
+
+
+@pytest.mark.parametrize("dims", [64, 128, 1280, 1536, 2048, 3072, 1283, 5])
+def test_rms_norm_matches_fast_rms_norm(dims):
+    norm = nn.RMSNorm(dims, eps=1e-6)
+    norm.weight = 1 + 0.1 * normal(dims, seed=4)
+    close(*both(kernels.rms_norm, norm, normal(2, 3, dims) * 3))
+
+
+@pytest.mark.parametrize("ffn", [768, 5120, 12288, 771, 3])
+def test_silu_gate_matches_silu_times_up(ffn):
+    close(*both(kernels.silu_gate, normal(1, 5, 2 * ffn) * 4))
+
+
+ATTN_SHAPES = [(12, 3, 64), (20, 5, 64), (32, 8, 64), (24, 6, 128), (2, 2, 16)]
+
+
+@pytest.mark.parametrize("nq,nkv,hd", ATTN_SHAPES)
+@pytest.mark.parametrize("length,offset", [(1, 0), (1, 517), (7, 0), (7, 1000), (64, 3)])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_inputs_match_norm_and_rope(nq, nkv, hd, length, offset, qk_norm):
+    norms = []
+    if qk_norm:
+        norms = [nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)]
+        for i, n in enumerate(norms):
+            n.weight = 1 + 0.1 * normal(hd, seed=5 + i)
+    rope = nn.RoPE(hd, traditional=False, base=10000)
+    qkv = normal(2, length, nq + 2 * nkv, hd)
+    fast, ref = both(kernels.attention_inputs, qkv, nq, nkv, *(norms or [None, None]), rope, offset)
+    for f, r in zip(fast, ref):
+        close(f, r)
+
+
+@pytest.mark.parametrize("nq,nkv,hd", ATTN_SHAPES)
+@pytest.mark.parametrize("length,past", [(1, 0), (1, 600), (9, 0), (67, 0), (5, 130)])
+def test_attention_matches_sdpa_through_a_kv_cache(nq, nkv, hd, length, past):
+    """Keys and values come from mlx-lm's KVCache (strided views), causal past the offset."""
+    cache = KVCache()
+    if past:
+        cache.update_and_fetch(normal(1, nkv, past, hd, seed=7), normal(1, nkv, past, hd, seed=8))
+    k, v = cache.update_and_fetch(
+        normal(1, nkv, length, hd, seed=9), normal(1, nkv, length, hd, seed=10)
+    )  # noqa: E501
+    q = normal(1, nq, length, hd, seed=11)
+    mask = "causal" if length > 1 else None
+    close(*both(lambda: kernels.attention(q, k, v, scale=hd**-0.5, mask=mask, cache=cache)))
+
+
+def test_attention_without_mask_sees_every_key():
+    q, k, v = normal(2, 8, 5, 64), normal(2, 2, 11, 64, seed=1), normal(2, 2, 11, 64, seed=2)
+    close(*both(lambda: kernels.attention(q, k, v, scale=0.125, mask=None, cache=None)))
+
+
+def test_gradients_are_mlx_own():
+    """Training through the kernels: the vjps are the reference ops', so gradients match."""
+    hd, nq, nkv = 64, 8, 2
+    norm = nn.RMSNorm(256)
+    qn, kn = nn.RMSNorm(hd), nn.RMSNorm(hd)
+    rope = nn.RoPE(hd, traditional=False, base=10000)
+    lin = nn.Linear(256, (nq + 2 * nkv) * hd, bias=False)
+    w2 = normal(1, 1, 2 * 96, seed=3)
+
+    def loss(x, nw, qw, kw, lw):
+        norm.weight, qn.weight, kn.weight, lin.weight = nw, qw, kw, lw
+        h = kernels.linear(lin, kernels.rms_norm(norm, x)).reshape(1, x.shape[1], -1, hd)
+        q, k, v = kernels.attention_inputs(h, nq, nkv, qn, kn, rope, 3)
+        out = kernels.attention(q, k, v, scale=hd**-0.5, mask="causal", cache=None)
+        return (out * out).sum() + kernels.silu_gate(out[..., : 2 * 96] * w2).sum()
+
+    for rows in (1, 6):  # one row: the few-row product kernel too
+        args = [normal(1, rows, 256), 1 + 0.1 * normal(256), mx.ones(hd), mx.ones(hd),
+                normal((nq + 2 * nkv) * hd, 256, seed=4) * 0.06]  # fmt: skip
+        grad = mx.grad(loss, argnums=list(range(5)))
+        fast, ref = both(grad, *args)
+        for f, r in zip(fast, ref):
+            close(f, r, rtol=1e-4)
+
+
+def test_the_whole_model_matches_with_kernels_off_and_under_compile():
+    from conftest import tiny_args
+
+    from mlx_openelm.model import Model
+
+    model = Model(tiny_args(num_transformer_layers=3))
+    ids = mx.array([[1, 5, 9, 200, 17, 3, 4]])
+    close(*both(model, ids))
+    compiled = mx.compile(model)
+    close(compiled(ids), model(ids))
+
+
+@pytest.fixture(scope="module")
+def weights_270m():
+    """OpenELM-270M's shape with the benchmark's varied random weights (made once: ~10 s)."""
+    from mlx_openelm.bench.weights import random_weights
+
+    from mlx_openelm.config import preset
+    from mlx_openelm.model import Model
+
+    model = Model(preset("270M"))
+    random_weights(model)
+    return model.parameters()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("q_bits", [None, 8, 4])
+def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, weights_270m):
+    """OpenELM-270M: 64 greedy tokens equal with kernels on and off (fp32, and MLX's own 8/4-bit
+    path); fp32 logits as exact as MLX's own."""
+    from mlx_openelm.config import preset
+    from mlx_openelm.generate import generate_step
+    from mlx_openelm.model import Model
+
+    model = Model(preset("270M"))
+    model.update(weights_270m)
+    if q_bits:
+        nn.quantize(model, group_size=64, bits=q_bits)
+    mx.eval(model.parameters())
+    prompt = mx.array([(7 * i + 3) % 32000 for i in range(16)])
+    steps = 64
+
+    def tokens():
+        return [int(t) for t, _ in generate_step(prompt, model, max_tokens=steps)]
+
+    fast = tokens()
+    with kernels.disabled():
+        ref = tokens()
+    assert fast == ref
+    assert len(set(ref)) > 8  # the check means something: varied tokens
+    if q_bits is None:
+        # fp32 logits after a prefill and a decode step. Against float64, MLX's own fp32 path is
+        # off by ~4e-5 here (summation order), so 1e-5 absolute would test rounding, not kernels:
+        # ask for 1e-5 relative, and no further from float64 than MLX's own ops are.
+        def logits(m):
+            cache = make_prompt_cache(m)
+            first = m(prompt[None, :8], cache=cache)  # short: float64 runs without BLAS
+            return mx.concatenate([first, m(mx.array([[11]]), cache=cache)], axis=1)
+
+        fast = logits(model)
+        with kernels.disabled():
+            ref = logits(model)
+            model.set_dtype(mx.float64)
+            exact = logits(model)
+        scale = mx.abs(exact).max().item()
+        assert mx.abs(fast - ref).max().item() <= 1e-5 * scale
+        ours, mlx_own = (mx.abs(x - exact).max().item() for x in (fast, ref))
+        assert ours <= 1.5 * mlx_own, (ours, mlx_own)
+
+
+# ---- when the kernels cannot run -----------------------------------------------------------------
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)  # fmt: skip
+
+
+GENERATE = """
+import mlx_openelm, mlx.core as mx
+from mlx_openelm import kernels
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.model import Model
+print(kernels.status())
+args = ModelArgs(num_transformer_layers=2, model_dim=64, head_dim=16, vocab_size=512,
+                 ffn_dim_divisor=32)
+print(Model(args)(mx.array([[1, 2, 3]])).shape)
+"""
+
+
+def test_off_switch_runs_mlx_ops_silently():
+    out = run_python(GENERATE, MLX_OPENELM_KERNELS="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["off (MLX_OPENELM_KERNELS=0)", "(1, 3, 512)"]
+    assert out.stderr == ""
+
+
+def test_failed_build_says_one_line_and_runs_mlx_ops(tmp_path):
+    out = run_python(GENERATE, CXX="false", MLX_OPENELM_KERNEL_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    status, shape = out.stdout.splitlines()
+    assert status.startswith("off (compiling") and shape == "(1, 3, 512)"
+    lines = [ln for ln in out.stderr.splitlines() if "CPU kernels off" in ln]
+    assert len(lines) == 1 and "running MLX's own ops" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.glob("*/*.so"))  # nothing half-built left as a module
+
+
+def test_a_binary_that_does_not_load_turns_kernels_off(tmp_path, monkeypatch, capsys):
+    from mlx_openelm.kernels import build
+
+    bogus = tmp_path / "_openelm_kernels.so"
+    bogus.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(build, "build", lambda: bogus)
+    for name, value in [("_ext", None), ("_why_off", None), ("_loaded", False)]:
+        monkeypatch.setattr(kernels, name, value)
+    assert not kernels.available()
+    assert kernels.status().startswith("off (the built kernels do not load")
+    assert "CPU kernels off" in capsys.readouterr().err
