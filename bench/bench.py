@@ -52,6 +52,7 @@ class Result:
     check_margins: list[float]  # top-1 minus top-2 log-probability at each of them
     threads: int | None
     blas: str | None
+    kernels: str | None = None  # mlx-openelm's native CPU kernels: "on (...)" or "off (why)"
 
 
 def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -93,6 +94,7 @@ class MLXRunner:
         import mlx.core as mx  # noqa: I001
 
         import mlx_openelm  # before mlx.core: picks the BLAS
+        from mlx_openelm import kernels
 
         self.mx = mx
         if impl == "mlx-lm":
@@ -117,6 +119,9 @@ class MLXRunner:
         self.device = mx.device_info().get("device_name", self.backend)
         self.threads = None
         self.blas = mlx_openelm._blas.loaded
+        # mlx-lm's model never calls them; on a GPU they stand aside.
+        on_cpu = self.backend == "cpu" and impl != "mlx-lm"
+        self.kernels = kernels.status() if on_cpu else None
 
     def cast(self, dtype: str, q_bits: int | None) -> None:
         import mlx.nn as nn
@@ -259,6 +264,7 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
             check_margins=[round(m, 6) for m in margins],
             threads=runner.threads,
             blas=runner.blas,
+            kernels=getattr(runner, "kernels", None),
         )
         results.append(asdict(result))
         print(

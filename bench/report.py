@@ -38,6 +38,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(
         "peak memory: MLX allocator peak (MLX rows), process peak RSS (PyTorch on CPU, llama.cpp)"
     )
+    kernel_rows = {r["implementation"]: r["kernels"] for r in results if r.get("kernels")}
+    for impl, state in kernel_rows.items():
+        console.print(f"{impl}: native CPU kernels {state}")
     for r in results:
         if "llama_bench" in r and r["prompt_tokens"] == results[-1]["prompt_tokens"]:
             lb = r["llama_bench"]

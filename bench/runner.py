@@ -225,6 +225,7 @@ def bench(
     seed: int = 0,
     bandwidth_bytes: int = 2**30,
     llama_cpp: str | Path | None = None,
+    kernels_ab: bool = False,
 ) -> dict[str, Any]:
     """Time prefill and decode of mlx-openelm, mlx-lm and the PyTorch reference on the same weights.
 
@@ -249,6 +250,7 @@ def bench(
         llama_cpp: llama.cpp's build/bin folder (or its llama-bench): adds llama.cpp rows of the
             same weights as GGUF (see llama_cpp.py), in the token check when llama-completion
             is there and the weights are f32.
+        kernels_ab: add an mlx-openelm row with the native CPU kernels off (MLX's own ops).
 
     Returns:
         The report (what the JSON file holds). Raises ValueError when an fp32 check disagrees.
@@ -281,6 +283,9 @@ def bench(
                       prompt_tokens=prompt_tokens, vocab_size=args.vocab_size,
                       dtype_name=f"{q_bits}-bit/{dtype}" if q_bits else dtype)  # fmt: skip
         specs = [{**common, "implementation": "mlx-openelm"}]
+        if kernels_ab:
+            specs.append({**common, "implementation": "mlx-openelm-kernels-off",
+                          "env": {"MLX_OPENELM_KERNELS": "0"}})  # fmt: skip
         if reference == "torch":
             specs.append({**common, "implementation": "torch-reference", "device": reference_device,
                           "folder": str(reference_model or folder), "q_bits": None})  # fmt: skip

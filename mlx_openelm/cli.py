@@ -383,6 +383,9 @@ def bench(
         Path | None,
         typer.Option(help="llama.cpp's build/bin (or llama-bench): add its rows, same weights"),
     ] = None,
+    kernels_ab: Annotated[
+        bool, typer.Option("--kernels-ab", help="Add an mlx-openelm row with its CPU kernels off")
+    ] = False,
 ) -> None:
     """Prefill and decode speed: mlx-openelm against mlx-lm and the PyTorch reference (Table 7)."""
     from .bench.runner import bench as run_bench
@@ -392,7 +395,7 @@ def bench(
         gen_tokens=gen_tokens, dtype=dtype, q_bits=q_bits if quantize else None,
         reference=reference, reference_device=reference_device, reference_model=reference_model,
         mlx_lm=mlx_lm, study=study, trials=trials, interleave=interleave, json_path=json_out,
-        plot_path=plot, seed=seed, llama_cpp=llama_cpp,
+        plot_path=plot, seed=seed, llama_cpp=llama_cpp, kernels_ab=kernels_ab,
     )  # fmt: skip
 
 

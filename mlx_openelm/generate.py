@@ -243,11 +243,16 @@ def generate(
 
 
 def report(r: GenerationResponse) -> str:
-    return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s\n"
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
-        f"peak memory: {r.peak_memory:.3f} GB"
-    )
+    from . import kernels
+
+    lines = [
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s",
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s",
+        f"peak memory: {r.peak_memory:.3f} GB",
+    ]
+    if mx.default_device() == mx.cpu:
+        lines.append(f"CPU kernels: {kernels.status()}")
+    return "\n".join(lines)
 
 
 def make_sampling(
@@ -285,14 +290,14 @@ def make_sampling(
 def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
     """Hints when MLX runs on the CPU without what makes it fast there.
 
-    MLX's CPU matmuls are fast only in float32 and through an optimised BLAS. Bfloat16, float16
-    and quantised weights take MLX's own scalar kernels: OpenELM-270M on the 2-core x86 VM decoded
-    15.8 tok/s in float32 against 2.1 (bfloat16), 2.0 (8-bit) and 2.3 (4-bit). Without a BLAS
+    On the CPU, float32 goes through the BLAS and the native kernels (`kernels`), and quantised
+    weights through the kernels when float32 is all around them; 16-bit activations take MLX's own
+    scalar code, ~7x slower (measured figures: README, "Native CPU kernels"). Without a BLAS
     library to load (`_blas.py`), MLX on Linux uses its bundled reference BLAS, ~30x slower.
     """
     from mlx.utils import tree_flatten
 
-    from . import _blas
+    from . import _blas, kernels
 
     if mx.default_device() != mx.cpu:
         return []
@@ -304,15 +309,17 @@ def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
             "was meant"
         )
     params = tree_flatten(model.parameters())
-    kind = None
-    if any(key.endswith(".scales") for key, _ in params):
-        kind = "quantised"
-    elif any(p.dtype in (mx.bfloat16, mx.float16) for _, p in params):
-        kind = "16-bit"
+    quantised = any(key.endswith(".scales") for key, _ in params)
+    half = any(p.dtype in (mx.bfloat16, mx.float16) for _, p in params)
+    fast_quantised = quantised and not half and kernels.available()
+    kind = "16-bit" if half else "quantised" if quantised and not fast_quantised else None
     if kind:
+        why = "" if half or sys.platform == "darwin" else f" (CPU kernels {kernels.status()})"
         notes.append(
-            f"{name} has {kind} weights, which MLX's CPU back end runs ~7x slower than float32: "
-            "convert the original checkpoint with `--dtype float32` (the CPU default) for speed"
+            f"{name} has {kind} weights, which MLX's CPU back end runs ~7x slower than float32"
+            f"{why}: convert the original checkpoint with `--dtype float32` (the CPU default)"
+            + (" and -q" if quantised else "")
+            + " for speed"
         )
     return notes
 

@@ -287,7 +287,7 @@ def test_cli_folder_without_tokenizer(tmp_path):
 
 
 def test_cpu_speed_notes_name_slow_weights_and_a_missing_blas(monkeypatch):
-    from mlx_openelm import _blas
+    from mlx_openelm import _blas, kernels
     from mlx_openelm.generate import cpu_speed_notes
 
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))  # as on a Mac's CPU too
@@ -295,8 +295,13 @@ def test_cpu_speed_notes_name_slow_weights_and_a_missing_blas(monkeypatch):
     model = tiny_model()
     assert cpu_speed_notes(model) == []  # float32, through an optimised BLAS
     nn.quantize(model, group_size=32, bits=4)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert cpu_speed_notes(model) == []  # float32 around 4-bit weights: the kernels run them
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "_why_off", "off (no C++ compiler found)")
+    monkeypatch.setattr("sys.platform", "linux")
     (note,) = cpu_speed_notes(model, "m")
-    assert note.startswith("m has quantised weights")
+    assert note.startswith("m has quantised weights") and "no C++ compiler" in note
     model = tiny_model()
     model.set_dtype(mx.bfloat16)
     assert "16-bit" in cpu_speed_notes(model)[0]

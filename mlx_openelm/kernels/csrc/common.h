@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,7 +73,9 @@ inline mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& enc
   return c;
 }
 
-// Split [0, n) over the OpenMP team; small jobs stay on the calling thread.
+// Run f(begin, end) over [0, n) on the OpenMP team, in a few chunks per thread taken as threads
+// come free: on a shared machine one descheduled thread then delays a chunk, not half the job.
+// Small jobs stay on the calling thread.
 template <class F>
 inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
   int threads = omp_get_max_threads();
@@ -81,10 +84,10 @@ inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
     f(int64_t(0), n);
     return;
   }
-#pragma omp parallel num_threads(threads)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t begin = n * t / nt, end = n * (t + 1) / nt;
+  const int64_t chunks = std::min<int64_t>(n, 4 * threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; c++) {
+    int64_t begin = n * c / chunks, end = n * (c + 1) / chunks;
     if (begin < end) f(begin, end);
   }
 }

@@ -9,35 +9,48 @@ namespace oe {
 
 namespace {
 
-// out[m, n] = x[m] . w[n] for n in [n0, n1), MR input rows at a time.
+// Weight rows handled together: independent FMA chains and several memory streams at once.
 template <int MR>
-void f32_rows(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N,
-              int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n++) {
-    const float* wr = w + n * K;
-    int64_t k = 0;
-    float acc_s[MR] = {};
+constexpr int rows_at_once() {
+  return MR == 1 ? 4 : MR == 2 ? 2 : 1;
+}
+
+// out[m, n..n+NR) = x[m] . w[n..n+NR) for MR input rows.
+template <int MR, int NR>
+inline void f32_tile(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n) {
+  float acc_s[MR][NR] = {};
+  int64_t k = 0;
 #ifdef OE_AVX2
-    __m256 acc[MR][2];
-    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-      __m256 w0 = _mm256_loadu_ps(wr + k), w1 = _mm256_loadu_ps(wr + k + 8);
-      for (int m = 0; m < MR; m++) {
-        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][1]);
-      }
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    for (int r = 0; r < NR; r++) {
+      const float* wr = w + (n + r) * K + k;
+      _mm_prefetch((const char*)(wr + 128), _MM_HINT_T0);
+      const __m256 wv = _mm256_loadu_ps(wr);
+      for (int m = 0; m < MR; m++)
+        acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
     }
-    for (int m = 0; m < MR; m++) acc_s[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-#endif
-    for (; k < K; k++)
-      for (int m = 0; m < MR; m++) acc_s[m] += wr[k] * x[m * K + k];
-    for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m];
   }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) acc_s[m][r] = hsum(acc[m][r]);
+#endif
+  for (; k < K; k++)
+    for (int r = 0; r < NR; r++)
+      for (int m = 0; m < MR; m++) acc_s[m][r] += w[(n + r) * K + k] * x[m * K + k];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) out[m * N + n + r] = acc_s[m][r];
 }
 
 template <int MR>
 void f32_block(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N) {
-  parallel_for(N, 64, [&](int64_t n0, int64_t n1) { f32_rows<MR>(x, w, out, M, K, N, n0, n1); });
+  constexpr int NR = rows_at_once<MR>();
+  parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) f32_tile<MR, NR>(x, w, out, K, N, n);
+    for (; n < n1; n++) f32_tile<MR, 1>(x, w, out, K, N, n);
+  });
 }
 
 inline float to_f32(float v) { return v; }
@@ -51,10 +64,9 @@ inline __m256 unpack8(const uint8_t* p, int64_t k) {
   if constexpr (BITS == 8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + k))));
   } else {  // eight nibbles of one uint32, lowest first
-    uint32_t word;
-    std::memcpy(&word, p + k / 2, 4);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts);
+    __m256i word = _mm256_castps_si256(_mm256_broadcast_ss((const float*)(p + k / 2)));
+    __m256i v = _mm256_srlv_epi32(word, shifts);
     return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
   }
 }
@@ -66,47 +78,68 @@ inline float qvalue(const uint8_t* p, int64_t k) {
   else return float((p[k / 2] >> (4 * (k % 2))) & 15);
 }
 
-// out[m, n] = sum_g scale[n,g] * (x[m,g] . q[n,g]) + bias[n,g] * sum(x[m,g]); xsum holds the sums.
-template <int BITS, int MR, typename S>
-void q_rows(const float* x, const float* xsum, const uint8_t* w, const S* scales, const S* biases,
-            float* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
+// out[m, n..n+NR) = sum_g scale[n,g] (x[m,g] . q[n,g]) + bias[n,g] sum(x[m,g]); xsum holds the
+// sums, so a group costs one FMA per eight weights and one per row to scale.
+template <int BITS, int MR, int NR, typename S>
+inline void q_tile(const float* x, const float* xsum, const uint8_t* w, const S* scales,
+                   const S* biases, float* out, int64_t K, int64_t N, int64_t gs, int64_t n) {
   const int64_t groups = K / gs, row_bytes = K * BITS / 8;
-  for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* wr = w + n * row_bytes;
-    const S* sr = scales + n * groups;
-    const S* br = biases + n * groups;
-    float bias_acc[MR] = {}, acc_s[MR] = {};
+  float bias_acc[MR][NR] = {}, acc_s[MR][NR] = {};
 #ifdef OE_AVX2
-    __m256 acc[MR];
-    for (int m = 0; m < MR; m++) acc[m] = _mm256_setzero_ps();
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();
 #endif
-    for (int64_t g = 0; g < groups; g++) {
-      const float s = to_f32(sr[g]), b = to_f32(br[g]);
-      for (int m = 0; m < MR; m++) bias_acc[m] += b * xsum[m * groups + g];
-      const int64_t k0 = g * gs;
+  for (int64_t g = 0; g < groups; g++) {
+    const int64_t k0 = g * gs;
+    for (int r = 0; r < NR; r++) {
+      const float b = to_f32(biases[(n + r) * groups + g]);
+      for (int m = 0; m < MR; m++) bias_acc[m][r] += b * xsum[m * groups + g];
+    }
 #ifdef OE_AVX2
-      __m256 gacc[MR];
-      for (int m = 0; m < MR; m++) gacc[m] = _mm256_setzero_ps();
-      for (int64_t k = k0; k < k0 + gs; k += 8) {
-        __m256 wv = unpack8<BITS>(wr, k);
+    __m256 gacc[MR][NR];
+    for (int m = 0; m < MR; m++)
+      for (int r = 0; r < NR; r++) gacc[m][r] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k0 + gs; k += 8) {
+      for (int r = 0; r < NR; r++) {
+        const uint8_t* wr = w + (n + r) * row_bytes;
+        _mm_prefetch((const char*)(wr + (k + 512) * BITS / 8), _MM_HINT_T0);
+        const __m256 wv = unpack8<BITS>(wr, k);
         for (int m = 0; m < MR; m++)
-          gacc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), gacc[m]);
+          gacc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), gacc[m][r]);
       }
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int m = 0; m < MR; m++) acc[m] = _mm256_fmadd_ps(gacc[m], sv, acc[m]);
+    }
+    for (int r = 0; r < NR; r++) {
+      const __m256 sv = _mm256_set1_ps(to_f32(scales[(n + r) * groups + g]));
+      for (int m = 0; m < MR; m++) acc[m][r] = _mm256_fmadd_ps(gacc[m][r], sv, acc[m][r]);
+    }
 #else
+    for (int r = 0; r < NR; r++) {
+      const uint8_t* wr = w + (n + r) * row_bytes;
+      const float s = to_f32(scales[(n + r) * groups + g]);
       for (int m = 0; m < MR; m++) {
         float d = 0;
         for (int64_t k = k0; k < k0 + gs; k++) d += qvalue<BITS>(wr, k) * x[m * K + k];
-        acc_s[m] += s * d;
+        acc_s[m][r] += s * d;
       }
-#endif
     }
-#ifdef OE_AVX2
-    for (int m = 0; m < MR; m++) acc_s[m] = hsum(acc[m]);
 #endif
-    for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m] + bias_acc[m];
   }
+#ifdef OE_AVX2
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) acc_s[m][r] = hsum(acc[m][r]);
+#endif
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) out[m * N + n + r] = acc_s[m][r] + bias_acc[m][r];
+}
+
+template <int BITS, int MR, typename S>
+void q_rows(const float* x, const float* xsum, const uint8_t* w, const S* scales, const S* biases,
+            float* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
+  constexpr int NR = rows_at_once<MR>();
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) q_tile<BITS, MR, NR>(x, xsum, w, scales, biases, out, K, N, gs, n);
+  for (; n < n1; n++) q_tile<BITS, MR, 1>(x, xsum, w, scales, biases, out, K, N, gs, n);
 }
 
 template <int BITS, typename S>
