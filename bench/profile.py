@@ -23,10 +23,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx  # this module's package, imported first, has picked the BLAS
-import mlx.nn as nn
 
 import mlx_openelm
-from mlx_openelm import model as model_module
+from mlx_openelm import kernels
 
 from .bench import median_time
 
@@ -48,14 +47,14 @@ def timed_ops(totals: dict[str, float]) -> Iterator[None]:
 
         return run
 
+    # The model calls its layers through `kernels`, native kernel or MLX op alike.
     patches = [
-        (nn.Linear, "__call__", "matmul"),
-        (nn.Embedding, "as_linear", "matmul"),  # the tied output head
-        (nn.RMSNorm, "__call__", "RMSNorm"),
-        (model_module.NaiveRMSNorm, "__call__", "RMSNorm"),
-        (nn.RoPE, "__call__", "RoPE"),
-        (model_module, "scaled_dot_product_attention", "attention"),
-        (nn, "silu", "SiLU gate"),
+        (kernels, "linear", "matmul"),
+        (kernels, "embedding_as_linear", "matmul"),  # the tied output head
+        (kernels, "rms_norm", "RMSNorm"),
+        (kernels, "attention_inputs", "RoPE"),  # with the q/k-norm and the head split
+        (kernels, "attention", "attention"),
+        (kernels, "silu_gate", "SiLU gate"),
     ]
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
     try:
@@ -115,16 +114,25 @@ def breakdown(run: Callable[[], None], trials: int) -> dict[str, float]:
     return out
 
 
-def weight_stream(model: Any, trials: int) -> tuple[float, int]:
-    """(seconds, bytes) for one-row products with every 2-D weight, all in one graph: a decode
-    step's matmuls with nothing else."""
+def weight_stream(model: Any, trials: int) -> dict[str, float]:
+    """Seconds for one-row products with every 2-D weight, all in one graph (a decode step's
+    matmuls with nothing else), through MLX's matmul (the BLAS) and through the kernels."""
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     weights = [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
     rows = {w.shape[1]: mx.random.normal((1, w.shape[1])) for w in weights}
     mx.eval(list(rows.values()))
-    seconds = median_time(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)
-    return seconds, sum(w.nbytes for w in weights)
+    out = {"BLAS": median_time(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)}
+    if kernels.available():
+        layers = []
+        for w in weights:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            layer.weight = w
+            layers.append(layer)
+        run = lambda: mx.eval([kernels.linear(lay, rows[lay.weight.shape[1]]) for lay in layers])
+        out["kernels"] = median_time(run, trials)
+    return out
 
 
 def exp_cost(trials: int) -> dict[str, float]:
@@ -152,21 +160,29 @@ def profile(args: Any, prompt_tokens: int = 512, trials: int = 3) -> dict[str, A
     model = mlx_openelm.Model(args)
     mx.eval(model.parameters())
     ids = mx.arange(prompt_tokens) % args.vocab_size
-    seconds, nbytes = weight_stream(model, trials)
+    from mlx.utils import tree_flatten
+
+    nbytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()) if p.ndim == 2)
+    stream = weight_stream(model, trials)
     return {
         "prefill": breakdown(_prefill(model, ids), trials),
         "decode": breakdown(_decode(model, prompt_tokens, args.vocab_size), trials),
-        "weight_stream": {"seconds": seconds, "bytes": nbytes, "bytes_per_s": nbytes / seconds},
+        "weight_stream": {
+            "bytes": nbytes,
+            "seconds": stream,
+            "bytes_per_s": {k: nbytes / v for k, v in stream.items()},
+        },  # fmt: skip
         "exp_ns_per_element": exp_cost(trials),
         "prompt_tokens": prompt_tokens,
         "blas": mlx_openelm._blas.loaded,
+        "kernels": kernels.status(),
         "device": str(mx.default_device()),
     }
 
 
 def print_profile(report: dict[str, Any]) -> None:
     n = report["prompt_tokens"]
-    print(f"device {report['device']}, BLAS {report['blas']}")
+    print(f"device {report['device']}, BLAS {report['blas']}, CPU kernels {report['kernels']}")
     for phase, label in (("prefill", f"prefill of {n} tokens"), ("decode", f"decode step at {n}")):
         r = report[phase]
         synced = r["synced total"]
@@ -175,10 +191,9 @@ def print_profile(report: dict[str, Any]) -> None:
             if k not in ("total", "synced total"):
                 print(f"  {k:<10} {v * 1e3:8.1f} ms  {100 * v / synced:5.1f}%")
     w = report["weight_stream"]
-    print(
-        f"\none-row products over all {w['bytes'] / 1e9:.2f} GB of weights, nothing else: "
-        f"{w['seconds'] * 1e3:.1f} ms ({w['bytes_per_s'] / 1e9:.1f} GB/s)"
-    )
+    print(f"\none-row products over all {w['bytes'] / 1e9:.2f} GB of weights, nothing else:")
+    for k, seconds in w["seconds"].items():
+        print(f"  {k:<10} {seconds * 1e3:8.1f} ms  ({w['bytes_per_s'][k] / 1e9:.1f} GB/s)")
     costs = ", ".join(f"{k} {v:.2f}" for k, v in report["exp_ns_per_element"].items())
     print(f"exp, ns per fp32 element: {costs}")
 
