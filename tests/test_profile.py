@@ -47,3 +47,19 @@ def _weights(shape: dict) -> list[mx.array]:
 
     model = Model(ModelArgs(**shape))
     return [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
+
+
+def test_train_speed_times_mlx_with_and_without_kernels_and_pytorch(tmp_path) -> None:
+    import json
+
+    from mlx_openelm.bench import train_speed
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    report = train_speed.main([
+        "--config", str(config), "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
+        "--trials", "1", "--json", str(tmp_path / "r.json"),
+    ])  # fmt: skip
+    assert report["tokens_per_sec"].keys() == train_speed.ROWS.keys()
+    assert all(v > 0 for v in report["tokens_per_sec"].values())
+    assert json.loads((tmp_path / "r.json").read_text())["batch"] == 2

@@ -8,8 +8,8 @@ for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE
 
 Each op here takes what the model has and returns what MLX's own ops would: the kernel when it
 applies (CPU stream, float32, a shape it handles), else the MLX op, so Metal, CUDA, a Mac (which
-builds nothing) and a machine where the build failed run exactly as before. Gradients always come
-from the MLX ops (`mx.custom_function` with the reference as its vjp), so training stays exact.
+builds nothing) and a machine where the build failed run exactly as before. Each kernel's vjp is
+that of the MLX ops it replaces (set in C++), so training through the kernels stays exact.
 
 `MLX_OPENELM_KERNELS=0` turns them off (A/B runs); `status()` says whether they are on and why not.
 """
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,45 +101,17 @@ def _on_cpu(*arrays: mx.array) -> bool:
     )
 
 
-def _with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
-    """`kernel` forward, `reference`'s gradients."""
-    fn = mx.custom_function(kernel)
-
-    @fn.vjp
-    def _vjp(primals, cotangents, outputs):
-        # One input or output comes as an array, several as a tuple; answer in kind.
-        single = isinstance(primals, mx.array)
-        _, grads = mx.vjp(
-            lambda *a: _as_list(reference(*a)), _as_list(primals), _as_list(cotangents)
-        )
-        return grads[0] if single else tuple(grads)
-
-    return fn
-
-
-def _as_list(out: Any) -> list[mx.array]:
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-# ---- products -----------------------------------------------------------------------------------
-
-
-@functools.cache
-def _linear_fn() -> Callable:
-    return _with_reference_vjp(_ext.linear, lambda x, w: x @ w.T)
-
-
-@functools.cache
-def _quantized_fn(group_size: int, bits: int) -> Callable:
-    def reference(x, w, scales, biases):
-        return mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
-
-    def kernel(x, w, scales, biases):
-        if x.size // x.shape[-1] <= MAX_ROWS:
-            return _ext.quantized_linear(x, w, scales, biases, group_size, bits)
-        return x @ _ext.dequantize(w, scales, biases, group_size, bits).T
-
-    return _with_reference_vjp(kernel, reference)
+def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
+    w, scales, biases, gs, bits = (
+        layer.weight,
+        layer.scales,
+        layer.biases,
+        layer.group_size,
+        layer.bits,
+    )
+    if x.size // x.shape[-1] <= MAX_ROWS:
+        return _ext.quantized_linear(x, w, scales, biases, gs, bits)
+    return x @ _ext.dequantize(w, scales, biases, gs, bits).T  # prefill: one sgemm
 
 
 def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
@@ -156,10 +129,9 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     if "bias" not in layer:
         if type(layer) is nn.Linear and x.size // x.shape[-1] <= MAX_ROWS:
             if _on_cpu(x, layer.weight):
-                return _linear_fn()(x, layer.weight)
+                return _ext.linear(x, layer.weight)
         elif type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
-            fn = _quantized_fn(layer.group_size, layer.bits)
-            return fn(x, layer.weight, layer.scales, layer.biases)
+            return _quantized(x, layer)
     return layer(x)
 
 
@@ -167,27 +139,19 @@ def embedding_as_linear(embedding: nn.Module, x: mx.array) -> mx.array:
     """The tied output head, `embedding.as_linear(x)`, through the kernels."""
     if type(embedding) is nn.Embedding and x.size // x.shape[-1] <= MAX_ROWS:
         if _on_cpu(x, embedding.weight):
-            return _linear_fn()(x, embedding.weight)
+            return _ext.linear(x, embedding.weight)
     elif type(embedding) is nn.QuantizedEmbedding and _quantized_ok(embedding, x):
-        fn = _quantized_fn(embedding.group_size, embedding.bits)
-        return fn(x, embedding.weight, embedding.scales, embedding.biases)
+        return _quantized(x, embedding)
     return embedding.as_linear(x)
 
 
 # ---- normalisation, gate, attention -------------------------------------------------------------
 
 
-@functools.cache
-def _rms_norm_fn(eps: float) -> Callable:
-    return _with_reference_vjp(
-        lambda x, w: _ext.rms_norm(x, w, eps), lambda x, w: mx.fast.rms_norm(x, w, eps)
-    )
-
-
 def rms_norm(norm: nn.Module, x: mx.array) -> mx.array:
     """`norm(x)` for an `nn.RMSNorm`, through the kernel."""
     if type(norm) is nn.RMSNorm and _on_cpu(x, norm.weight):
-        return _rms_norm_fn(norm.eps)(x, norm.weight)
+        return _ext.rms_norm(x, norm.weight, norm.eps)
     return norm(x)
 
 
@@ -196,15 +160,10 @@ def _silu_gate_reference(x: mx.array) -> mx.array:
     return nn.silu(gate) * x
 
 
-@functools.cache
-def _silu_gate_fn() -> Callable:
-    return _with_reference_vjp(_ext.silu_gate, _silu_gate_reference)
-
-
 def silu_gate(x: mx.array) -> mx.array:
     """silu(x[..., :F]) * x[..., F:] (OpenELM's SwiGLU, the gate first)."""
     if _on_cpu(x):
-        return _silu_gate_fn()(x)
+        return _ext.silu_gate(x)
     return _silu_gate_reference(x)
 
 
@@ -220,18 +179,9 @@ def attention_inputs(
     """qkv (B, L, n_heads + 2 n_kv_heads, head_dim) -> q, k, v (B, heads, L, head_dim), with q/k
     RMS-normed (when the norms are given) and rotated from position `offset`."""
     norms = [q_norm, k_norm] if q_norm is not None else []
-
-    def reference(qkv, *weights):
-        q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [n_heads, n_heads + n_kv_heads], axis=1)
-        if norms:
-            if weights:  # differentiating the kernel: the norms as functions of their weights
-                q, k = (mx.fast.rms_norm(t, w, n.eps) for t, w, n in zip((q, k), weights, norms))
-            else:
-                q, k = q_norm(q), k_norm(k)  # before RoPE, as the reference does
-        return rope(q, offset=offset), rope(k, offset=offset), v
-
     usable = (
         all(type(n) is nn.RMSNorm for n in norms)
+        and (not norms or q_norm.eps == k_norm.eps)
         and type(rope) is nn.RoPE
         and not rope.traditional
         and rope.dims == qkv.shape[-1]
@@ -239,30 +189,24 @@ def attention_inputs(
         and isinstance(offset, int)
         and _on_cpu(qkv, *(n.weight for n in norms))
     )
-    if not usable:
-        return reference(qkv)
-    fn = _attention_inputs_fn(n_heads, n_kv_heads, norms[0].eps if norms else 0.0, rope.base,
-                              qkv.shape[-1], offset, reference)  # fmt: skip
-    return tuple(fn(qkv, *(n.weight for n in norms)))
-
-
-def _attention_inputs_fn(nq, nkv, eps, base, head_dim, offset, reference) -> Callable:
-    freqs = _inv_freqs(base, head_dim)
-
-    def kernel(qkv, *weights):
-        qw, kw = weights if weights else (None, None)
-        return _ext.attention_inputs(qkv, nq, nkv, qw, kw, eps, freqs, offset)
-
-    return _with_reference_vjp(kernel, reference)
+    if usable:
+        qw, kw = (n.weight for n in norms) if norms else (None, None)
+        eps = q_norm.eps if norms else 0.0
+        freqs = _inv_freqs(float(rope.base), rope.dims)
+        return tuple(
+            _ext.attention_inputs(qkv, n_heads, n_kv_heads, qw, kw, eps, freqs, rope.base, offset)
+        )
+    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [n_heads, n_heads + n_kv_heads], axis=1)
+    if norms:
+        q, k = q_norm(q), k_norm(k)  # before RoPE, as the reference does
+    return rope(q, offset=offset), rope(k, offset=offset), v
 
 
 @functools.cache
 def _inv_freqs(base: float, dims: int) -> mx.array:
     # As MLX's RoPE makes them (fast.cpp's fallback), so the angles match to the bit.
     half = dims // 2
-    freqs = mx.exp(
-        mx.arange(0, -half, -1, dtype=mx.float32) * (float(mx.log(mx.array(base)).item()) / half)
-    )
+    freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(base) / half))
     mx.eval(freqs)
     return freqs
 
@@ -275,21 +219,12 @@ def attention(
     plain_cache = cache is None or not hasattr(cache, "bits")  # not a quantized KV cache
     if plain_cache and (mask is None or isinstance(mask, str) and mask == "causal"):
         if _on_cpu(q, k, v):
-            return _attention_fn(scale, mask is not None)(q, k, v).reshape(B, L, -1)
+            return _ext.attention(q, k, v, scale, mask is not None).reshape(B, L, -1)
     return _attention_reference(q, k, v, scale=scale, mask=mask, cache=cache).reshape(B, L, -1)
 
 
-def _attention_reference(q, k, v, *, scale, mask, cache=None) -> mx.array:
+def _attention_reference(q, k, v, *, scale, mask, cache) -> mx.array:
     from mlx_lm.models.base import scaled_dot_product_attention
 
     out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3)
-
-
-@functools.cache
-def _attention_fn(scale: float, causal: bool) -> Callable:
-    mask = "causal" if causal else None
-    return _with_reference_vjp(
-        lambda q, k, v: _ext.attention(q, k, v, scale, causal),
-        lambda q, k, v: _attention_reference(q, k, v, scale=scale, mask=mask),
-    )

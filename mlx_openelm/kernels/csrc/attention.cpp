@@ -70,7 +70,13 @@ inline void accumulate(float* acc, float c, const float* p, const float* v, int6
 
 class Attention : public CpuPrimitive {
  public:
-  Attention(mx::Stream s, float scale, bool causal) : CpuPrimitive(s), scale_(scale), causal_(causal) {}
+  Attention(mx::Stream s, float scale, bool causal)
+      : CpuPrimitive(s, [=](const std::vector<mx::array>& in) {
+          auto out = mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale,
+                                                            causal ? "causal" : "", {}, {}, false, s);
+          return std::vector<mx::array>{mx::transpose(out, {0, 2, 1, 3}, s)};
+        }),
+        scale_(scale), causal_(causal) {}
   const char* name() const override { return "OpenELMAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Attention&>(other);

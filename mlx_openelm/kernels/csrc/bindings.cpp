@@ -25,7 +25,7 @@ NB_MODULE(_openelm_kernels, m) {
         "stream"_a = nb::none());
   m.def("silu_gate", &oe::silu_gate, "x"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("attention_inputs", &oe::attention_inputs, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
-        "q_weight"_a.none(), "k_weight"_a.none(), "eps"_a, "inv_freqs"_a, "offset"_a,
+        "q_weight"_a.none(), "k_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "offset"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("attention", &oe::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none());

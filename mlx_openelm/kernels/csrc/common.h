@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -19,21 +20,39 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
 #include "mlx/primitives.h"
 
 namespace mx = mlx::core;
 
 namespace oe {
 
-// Each kernel is a Primitive with a CPU implementation only; the Python side sends other devices
-// (and gradients) to MLX's own ops.
+// The same computation in MLX ops: what the kernel must equal, and where its gradient comes from.
+using Reference = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+
+// Each kernel is a Primitive with a CPU implementation only (the Python side sends other devices
+// to MLX's own ops). Its vjp is its reference's, so training through a kernel is exact; the
+// backward pass is MLX's.
 class CpuPrimitive : public mx::Primitive {
  public:
-  explicit CpuPrimitive(mx::Stream s) : mx::Primitive(s) {}
+  CpuPrimitive(mx::Stream s, Reference reference) : mx::Primitive(s), reference_(std::move(reference)) {}
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error(std::string(name()) + " has no GPU kernel");
   }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    auto grads = mx::vjp(reference_, primals, cotangents).second;
+    std::vector<mx::array> out;
+    for (int i : argnums) out.push_back(grads[i]);
+    return out;
+  }
+
+ private:
+  Reference reference_;
 };
 
 inline void require(bool ok, const std::string& msg) {

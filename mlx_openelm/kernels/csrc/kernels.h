@@ -27,11 +27,12 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
 mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s = {});
 
 // qkv (B, L, nq + 2 nkv, hd) -> q (B, nq, L, hd), k, v (B, nkv, L, hd): q/k RMS-normed over hd
-// (when weights are given), then rotated (NeoX RoPE, positions offset.., inv_freqs (hd/2,)).
+// (when weights are given), then rotated (NeoX RoPE from position `offset`; inv_freqs (hd/2,)
+// as MLX's RoPE makes them from `base`, which the gradient's reference uses).
 std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n_kv_heads,
                                         const std::optional<mx::array>& q_weight,
                                         const std::optional<mx::array>& k_weight, float eps,
-                                        const mx::array& inv_freqs, int offset,
+                                        const mx::array& inv_freqs, float base, int offset,
                                         mx::StreamOrDevice s = {});
 
 // softmax(scale q k^T [causal]) v for q (B, nq, L, hd), k, v (B, nkv, S, hd) (strided views of

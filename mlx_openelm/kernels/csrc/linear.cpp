@@ -197,7 +197,10 @@ void check_quantized(const mx::array& w, const mx::array& scales, const mx::arra
 
 class LinearF32 : public CpuPrimitive {
  public:
-  using CpuPrimitive::CpuPrimitive;
+  explicit LinearF32(mx::Stream s)
+      : CpuPrimitive(s, [s](const std::vector<mx::array>& in) {
+          return std::vector<mx::array>{mx::matmul(in[0], mx::transpose(in[1], s), s)};
+        }) {}
   const char* name() const override { return "OpenELMLinear"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 
@@ -237,7 +240,11 @@ mx::array linear(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
 class QuantizedLinear : public CpuPrimitive {
  public:
   QuantizedLinear(mx::Stream s, int group_size, int bits)
-      : CpuPrimitive(s), group_size_(group_size), bits_(bits) {}
+      : CpuPrimitive(s, [s, group_size, bits](const std::vector<mx::array>& in) {
+          return std::vector<mx::array>{mx::quantized_matmul(in[0], in[1], in[2], in[3], true,
+                                                             group_size, bits, "affine", s)};
+        }),
+        group_size_(group_size), bits_(bits) {}
   const char* name() const override { return "OpenELMQuantizedLinear"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedLinear&>(other);
@@ -302,7 +309,11 @@ mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::arr
 class Dequantize : public CpuPrimitive {
  public:
   Dequantize(mx::Stream s, int group_size, int bits)
-      : CpuPrimitive(s), group_size_(group_size), bits_(bits) {}
+      : CpuPrimitive(s, [s, group_size, bits](const std::vector<mx::array>& in) {
+          return std::vector<mx::array>{mx::dequantize(in[0], in[1], in[2], group_size, bits,
+                                                       "affine", std::nullopt, mx::float32, s)};
+        }),
+        group_size_(group_size), bits_(bits) {}
   const char* name() const override { return "OpenELMDequantize"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Dequantize&>(other);

@@ -36,7 +36,11 @@ inline void rms_row(const float* x, const float* w, float* out, int64_t D, float
 
 class RMSNorm : public CpuPrimitive {
  public:
-  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
+  RMSNorm(mx::Stream s, float eps)
+      : CpuPrimitive(s, [s, eps](const std::vector<mx::array>& in) {
+          return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
+        }),
+        eps_(eps) {}
   const char* name() const override { return "OpenELMRMSNorm"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     return eps_ == static_cast<const RMSNorm&>(o).eps_;
@@ -70,7 +74,13 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 
 class SiluGate : public CpuPrimitive {
  public:
-  using CpuPrimitive::CpuPrimitive;
+  explicit SiluGate(mx::Stream s)
+      : CpuPrimitive(s, [s](const std::vector<mx::array>& in) {
+          auto halves = mx::split(in[0], 2, -1, s);  // the first half is the gate
+          auto& a = halves[0];
+          return std::vector<mx::array>{
+              mx::multiply(mx::multiply(a, mx::sigmoid(a, s), s), halves[1], s)};
+        }) {}
   const char* name() const override { return "OpenELMSiluGate"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 
@@ -111,8 +121,20 @@ mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s) {
 
 class AttentionInputs : public CpuPrimitive {
  public:
-  AttentionInputs(mx::Stream s, int nq, int nkv, bool qk_norm, float eps, int offset)
-      : CpuPrimitive(s), nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
+  AttentionInputs(mx::Stream s, int nq, int nkv, bool qk_norm, float eps, float base, int offset)
+      : CpuPrimitive(s, [=](const std::vector<mx::array>& in) {
+          auto heads = mx::split(mx::transpose(in[0], {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
+          auto q = heads[0], k = heads[1];
+          if (qk_norm) {
+            q = mx::fast::rms_norm(q, in[2], eps, s);
+            k = mx::fast::rms_norm(k, in[3], eps, s);
+          }
+          const int hd = in[0].shape(3);
+          return std::vector<mx::array>{mx::fast::rope(q, hd, false, base, 1.0f, offset, {}, s),
+                                        mx::fast::rope(k, hd, false, base, 1.0f, offset, {}, s),
+                                        heads[2]};
+        }),
+        nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
   const char* name() const override { return "OpenELMAttentionInputs"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttentionInputs&>(other);
@@ -185,7 +207,7 @@ class AttentionInputs : public CpuPrimitive {
 std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n_kv_heads,
                                         const std::optional<mx::array>& q_weight,
                                         const std::optional<mx::array>& k_weight, float eps,
-                                        const mx::array& inv_freqs, int offset,
+                                        const mx::array& inv_freqs, float base, int offset,
                                         mx::StreamOrDevice s) {
   require(qkv.dtype() == mx::float32 && inv_freqs.dtype() == mx::float32,
           "attention_inputs: float32 only");
@@ -206,7 +228,7 @@ std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n
   }
   const int B = qkv.shape(0), L = qkv.shape(1);
   auto prim = std::make_shared<AttentionInputs>(cpu_stream(s), n_heads, n_kv_heads, bool(q_weight),
-                                                eps, offset);
+                                                eps, base, offset);
   return mx::array::make_arrays(
       {{B, n_heads, L, hd}, {B, n_kv_heads, L, hd}, {B, n_kv_heads, L, hd}},
       {mx::float32, mx::float32, mx::float32}, prim, in);
