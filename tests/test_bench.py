@@ -332,7 +332,8 @@ def test_llama_cpp_rows_beside_the_mlx_rows(tiny: Path, fake_llama: Path, tmp_pa
     completions = [c for c in calls if c[0] == "llama-completion"]
     assert len(completions) == 2  # the check: round 1 only, once per prompt length
     assert all({"--temp", "--ignore-eos", "-no-cnv"} <= set(c) for c in completions)
-    assert all(c[c.index("-ctk") + 1] == "f32" for c in completions)
+    assert all(c[c.index("-ctk") + 1] == "f32" and c[c.index("-fa") + 1] == "off"
+               for c in completions)  # fmt: skip
 
 
 @pytest.mark.slow
