@@ -29,6 +29,39 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// out[j] = scale * q . k[j] for n keys of stride ks; returns the largest.
+inline float scores(const float* q, const float* k, int64_t ks, int64_t n, int64_t hd, float scale,
+                    float* out) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#ifdef OE_AVX2
+  if (hd % 8 == 0) {
+    // Four keys at once, their four sums reduced together.
+    for (; j + 4 <= n; j += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* kj = k + j * ks;
+      for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + d), a0);
+        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + ks + d), a1);
+        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + 2 * ks + d), a2);
+        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + 3 * ks + d), a3);
+      }
+      __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
+                            _mm_set1_ps(scale));
+      _mm_storeu_ps(out + j, r);
+      m = std::max(m, std::max(std::max(out[j], out[j + 1]), std::max(out[j + 2], out[j + 3])));
+    }
+  }
+#endif
+  for (; j < n; j++) {
+    out[j] = dot(q, k + j * ks, hd) * scale;
+    m = std::max(m, out[j]);
+  }
+  return m;
+}
+
 // p[j] = exp(p[j] - m), returns the sum.
 inline float exp_shift(float* p, int64_t n, float m) {
   int64_t j = 0;
@@ -50,19 +83,27 @@ inline float exp_shift(float* p, int64_t n, float m) {
   return sum;
 }
 
-// acc = acc * c + sum_j p[j] v[j]
+// acc = acc * c + sum_j p[j] v[j], 64 dimensions at a time held in registers.
 inline void accumulate(float* acc, float c, const float* p, const float* v, int64_t vs, int64_t n,
                        int64_t hd) {
-  for (int64_t d = 0; d < hd; d++) acc[d] *= c;
-  for (int64_t j = 0; j < n; j++) {
-    const float* vj = v + j * vs;
-    int64_t d = 0;
+  int64_t d0 = 0;
 #ifdef OE_AVX2
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    for (; d + 8 <= hd; d += 8)
-      _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(acc + d)));
+  const __m256 cv = _mm256_set1_ps(c);
+  for (; d0 + 64 <= hd; d0 += 64) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * i), cv);
+    for (int64_t j = 0; j < n; j++) {
+      const float* vj = v + j * vs + d0;
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(acc + d0 + 8 * i, a[i]);
+  }
 #endif
-    for (; d < hd; d++) acc[d] += p[j] * vj[d];
+  for (int64_t d = d0; d < hd; d++) {
+    float t = acc[d] * c;
+    for (int64_t j = 0; j < n; j++) t += p[j] * v[j * vs + d];
+    acc[d] = t;
   }
 }
 
@@ -101,7 +142,7 @@ class Attention : public CpuPrimitive {
       const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
       {
-        std::vector<float> scores(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
+        std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t item = 0; item < items; item++) {
           const int64_t b = item / (nkv * L), g = (item / L) % nkv, i = item % L;
@@ -115,12 +156,8 @@ class Attention : public CpuPrimitive {
             const int64_t n = std::min(BLOCK, limit - j0);
             for (int64_t r = 0; r < rep; r++) {
               const float* qr = qp + ((b * nq + g * rep + r) * L + i) * hd;
-              float* sr = scores.data() + r * BLOCK;
-              float bm = -std::numeric_limits<float>::infinity();
-              for (int64_t j = 0; j < n; j++) {
-                sr[j] = dot(qr, kh + (j0 + j) * ks[2], hd) * scale;
-                bm = std::max(bm, sr[j]);
-              }
+              float* sr = block.data() + r * BLOCK;
+              const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
               const float m_new = std::max(m[r], bm);
               const float c = std::exp(m[r] - m_new);  // 0 on the first block
               l[r] = l[r] * c + exp_shift(sr, n, m_new);
