@@ -102,16 +102,10 @@ def _on_cpu(*arrays: mx.array) -> bool:
 
 
 def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
-    w, scales, biases, gs, bits = (
-        layer.weight,
-        layer.scales,
-        layer.biases,
-        layer.group_size,
-        layer.bits,
-    )
+    args = (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
     if x.size // x.shape[-1] <= MAX_ROWS:
-        return _ext.quantized_linear(x, w, scales, biases, gs, bits)
-    return x @ _ext.dequantize(w, scales, biases, gs, bits).T  # prefill: one sgemm
+        return _ext.quantized_linear(x, *args)
+    return x @ _ext.dequantize(*args).T  # prefill: dequantize once, then one sgemm
 
 
 def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
