@@ -105,7 +105,8 @@ def _run_all(commands: list[list[str]]) -> None:
     if failed:
         cmd, out = failed[0]
         first = next((ln for ln in out.splitlines() if "error" in ln), out.strip()[-300:])
-        raise BuildError(f"compiling {Path(cmd[1]).name} failed: {first.strip()}")
+        target = Path(cmd[cmd.index("-o") + 1]).name
+        raise BuildError(f"compiling {target} failed: {first.strip()}")
 
 
 def build(verbose: bool = True) -> Path:
