@@ -101,10 +101,10 @@ def _run_all(commands: list[list[str]]) -> None:
     for cmd, proc in zip(commands, procs):
         out, _ = proc.communicate()
         if proc.returncode != 0:
-            failed.append((cmd, out))
+            failed.append((cmd, out.strip() or f"{cmd[0]} exited with status {proc.returncode}"))
     if failed:
         cmd, out = failed[0]
-        first = next((ln for ln in out.splitlines() if "error" in ln), out.strip()[-300:])
+        first = next((ln for ln in out.splitlines() if "error" in ln), out[-300:])
         target = Path(cmd[cmd.index("-o") + 1]).name
         raise BuildError(f"compiling {target} failed: {first.strip()}")
 
