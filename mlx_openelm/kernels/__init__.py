@@ -112,7 +112,7 @@ def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
     return (
         getattr(layer, "mode", "affine") == "affine"
         and layer.bits in (4, 8)
-        and layer.group_size % 8 == 0
+        and layer.group_size % 16 == 0
         and "biases" in layer
         and _on_cpu(x)
     )

@@ -100,13 +100,36 @@ inline void q_tile(const float* x, const float* xsum, const uint8_t* w, const S*
     __m256 gacc[MR][NR];
     for (int m = 0; m < MR; m++)
       for (int r = 0; r < NR; r++) gacc[m][r] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k0 + gs; k += 8) {
-      for (int r = 0; r < NR; r++) {
-        const uint8_t* wr = w + (n + r) * row_bytes;
-        _mm_prefetch((const char*)(wr + (k + 512) * BITS / 8), _MM_HINT_T0);
-        const __m256 wv = unpack8<BITS>(wr, k);
-        for (int m = 0; m < MR; m++)
-          gacc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), gacc[m][r]);
+    if constexpr (BITS == 4) {
+      // Sixteen nibbles from eight bytes: low nibbles are the even elements, high ones the odd;
+      // x comes permuted to match (`deinterleave16`), so no shuffle is needed here.
+      const __m256i low4 = _mm256_set1_epi32(15);
+      for (int64_t k = k0; k < k0 + gs; k += 16) {
+        __m256 xe[MR], xo[MR];
+        for (int m = 0; m < MR; m++) {
+          xe[m] = _mm256_loadu_ps(x + m * K + k);
+          xo[m] = _mm256_loadu_ps(x + m * K + k + 8);
+        }
+        for (int r = 0; r < NR; r++) {
+          const uint8_t* wr = w + (n + r) * row_bytes;
+          _mm_prefetch((const char*)(wr + (k + 512) / 2), _MM_HINT_T0);
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wr + k / 2)));
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          for (int m = 0; m < MR; m++)
+            gacc[m][r] = _mm256_fmadd_ps(hi, xo[m], _mm256_fmadd_ps(lo, xe[m], gacc[m][r]));
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k0 + gs; k += 8) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < NR; r++) {
+          const uint8_t* wr = w + (n + r) * row_bytes;
+          _mm_prefetch((const char*)(wr + k + 512), _MM_HINT_T0);
+          const __m256 wv = unpack8<BITS>(wr, k);
+          for (int m = 0; m < MR; m++) gacc[m][r] = _mm256_fmadd_ps(wv, xv[m], gacc[m][r]);
+        }
       }
     }
     for (int r = 0; r < NR; r++) {
@@ -178,7 +201,7 @@ void dequantize_rows(const uint8_t* w, const S* scales, const S* biases, float* 
 void check_quantized(const mx::array& w, const mx::array& scales, const mx::array& biases,
                      int group_size, int bits) {
   require(bits == 4 || bits == 8, "quantized: bits must be 4 or 8");
-  require(group_size % 8 == 0 && group_size > 0, "quantized: group size must be a multiple of 8");
+  require(group_size % 16 == 0 && group_size > 0, "quantized: group size must be a multiple of 16");
   require(w.dtype() == mx::uint32 && w.ndim() == 2, "quantized: w must be uint32 (N, K*bits/32)");
   int64_t K = w.shape(1) * 32 / bits;
   require(K % group_size == 0, "quantized: K must be a multiple of the group size");
@@ -269,12 +292,24 @@ class QuantizedLinear : public CpuPrimitive {
           for (int64_t k = 0; k < gs; k++) t += xp[i * gs + k];
           xsum[i] = t;
         }
+        std::vector<float> xt;
+#ifdef OE_AVX2
+        if (bits == 4) {  // even elements then odd ones, per sixteen (see q_tile)
+          xt.resize(M * K);
+          for (int64_t i = 0; i < M * K; i += 16)
+            for (int64_t j = 0; j < 8; j++) {
+              xt[i + j] = xp[i + 2 * j];
+              xt[i + 8 + j] = xp[i + 2 * j + 1];
+            }
+        }
+#endif
+        const float* xk = xt.empty() ? xp : xt.data();
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
           int64_t mr = std::min<int64_t>(4, M - m0);
           if (bits == 8)
-            q_block<8, S>(mr, xp + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
+            q_block<8, S>(mr, xk + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
           else
-            q_block<4, S>(mr, xp + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
+            q_block<4, S>(mr, xk + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
         }
       });
     };
