@@ -93,6 +93,22 @@ def test_bench_preset_shape_without_reference(tmp_path: Path) -> None:
     assert rows["mlx-lm"]["check_tokens"] == rows["mlx-openelm"]["check_tokens"]
 
 
+@pytest.mark.slow
+def test_kernels_ab_adds_a_row_with_the_cpu_kernels_off(tiny: Path) -> None:
+    from mlx_openelm import kernels
+
+    report = runner.bench(model=str(tiny), prompt_tokens="16", gen_tokens=6, trials=1,
+                          reference="none", mlx_lm=False, kernels_ab=True,
+                          bandwidth_bytes=2**20)  # fmt: skip
+    rows = {r["implementation"]: r for r in report["results"]}
+    assert set(rows) == {"mlx-openelm", "mlx-openelm-kernels-off"}
+    assert rows["mlx-openelm-kernels-off"]["kernels"] == "off (MLX_OPENELM_KERNELS=0)"
+    assert rows["mlx-openelm"]["kernels"] == kernels.status()  # the same machine, the same build
+    off = rows["mlx-openelm-kernels-off"]
+    assert off["checked_against"] == "mlx-openelm"  # and its greedy tokens agreed
+    assert off["check_tokens"] == rows["mlx-openelm"]["check_tokens"]
+
+
 def _row(name: str, tokens: list[int], margins: list[float], n: int = 16) -> dict:
     return dict(implementation=name, prompt_tokens=n, check_tokens=tokens, check_margins=margins)
 
