@@ -198,6 +198,16 @@ void dequantize_rows(const uint8_t* w, const S* scales, const S* biases, float* 
   }
 }
 
+// run(T{}) with T the C++ type of the scales (check_quantized allows these three).
+template <class F>
+void with_scale_type(mx::Dtype dtype, F&& run) {
+  switch (dtype) {
+    case mx::float32: return run(float{});
+    case mx::float16: return run(mx::float16_t{});
+    default: return run(mx::bfloat16_t{});
+  }
+}
+
 void check_quantized(const mx::array& w, const mx::array& scales, const mx::array& biases,
                      int group_size, int bits) {
   require(bits == 4 || bits == 8, "quantized: bits must be 4 or 8");
@@ -313,11 +323,7 @@ class QuantizedLinear : public CpuPrimitive {
         }
       });
     };
-    switch (scales.dtype()) {
-      case mx::float32: run(float{}); break;
-      case mx::float16: run(mx::float16_t{}); break;
-      default: run(mx::bfloat16_t{});
-    }
+    with_scale_type(scales.dtype(), run);
   }
 
  private:
@@ -372,11 +378,7 @@ class Dequantize : public CpuPrimitive {
         });
       });
     };
-    switch (scales.dtype()) {
-      case mx::float32: run(float{}); break;
-      case mx::float16: run(mx::float16_t{}); break;
-      default: run(mx::bfloat16_t{});
-    }
+    with_scale_type(scales.dtype(), run);
   }
 
  private:
