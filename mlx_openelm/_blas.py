@@ -67,7 +67,7 @@ def load_fast_blas() -> str | None:
         return loaded
     # GNU OpenMP (our kernels, and MKL below) spins ~300k rounds between parallel regions by
     # default. A decode step runs ~150 short regions: on a shared 2-core machine those spinning
-    # threads took the cores from the ones with work (1.9 tok/s against 12 with a short spin).
+    # threads took the cores from the ones with work (README, "Native CPU kernels").
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     choice = os.environ.get("MLX_OPENELM_BLAS", "auto")
     if choice == "none":

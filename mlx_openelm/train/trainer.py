@@ -254,8 +254,8 @@ def train(
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs, targets, mask, acc_grad, scale, do_update):
-        # MLX's own ops: the CPU kernels' backward is theirs plus a recomputed forward, so
-        # through the kernels a step was no faster (bench/train_speed.py: 0.36x vs 0.38x PyTorch).
+        # MLX's own ops: the CPU kernels' backward is theirs plus a recomputed forward, so a step
+        # through the kernels was no faster (bench/train_speed.py; README, "Native CPU kernels").
         with kernels.disabled():
             (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
         if acc_grad is not None:
