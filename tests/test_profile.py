@@ -49,7 +49,7 @@ def _weights(shape: dict) -> list[mx.array]:
     return [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
 
 
-def test_train_speed_times_mlx_with_and_without_kernels_and_pytorch(tmp_path) -> None:
+def test_train_speed_times_the_trainer_against_pytorch(tmp_path) -> None:
     import json
 
     from mlx_openelm.bench import train_speed
