@@ -4,12 +4,14 @@ MLX's CPU back end on x86 and Linux ARM is scalar (SIMD width 1 outside Apple's 
 RMSNorm, RoPE and attention as graphs of small ops, and quantized products as a scalar loop. These
 kernels (C++ `Primitive`s with AVX2/FMA and OpenMP, `csrc/`) replace those pieces when the model
 runs on a CPU stream: few-row products for decoding (fp32 and MLX's affine 4/8-bit), dequantize
-for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE) and attention.
+for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE), attention and
+the training loss (cross-entropy).
 
 Each op here takes what the model has and returns what MLX's own ops would: the kernel when it
 applies (CPU stream, float32, a shape it handles), else the MLX op, so Metal, CUDA, a Mac (which
 builds nothing) and a machine where the build failed run exactly as before. Each kernel's vjp is
-that of the MLX ops it replaces (set in C++), so training through the kernels stays exact.
+that of the MLX ops it replaces (set in C++), so training through the kernels stays exact;
+attention and cross-entropy, where the backward pass is the cost, have backward kernels.
 
 `MLX_OPENELM_KERNELS=0` turns them off (A/B runs); `status()` says whether they are on and why not.
 """
@@ -222,3 +224,14 @@ def _attention_reference(q, k, v, *, scale, mask, cache) -> mx.array:
 
     out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3)
+
+
+# ---- the loss --------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """`nn.losses.cross_entropy(logits, targets)` (per position, no reduction), through the
+    kernel: the vocabulary's logsumexp and its gradient are most of a small model's step."""
+    if targets.dtype in (mx.int32, mx.int64, mx.uint32) and _on_cpu(logits):
+        return _ext.cross_entropy(logits, targets.astype(mx.int32))
+    return nn.losses.cross_entropy(logits, targets)

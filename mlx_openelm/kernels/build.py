@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 MODULE = "_openelm_kernels"
-SOURCES = ["linear.cpp", "norm.cpp", "attention.cpp", "bindings.cpp"]
+SOURCES = ["linear.cpp", "norm.cpp", "attention.cpp", "loss.cpp", "bindings.cpp"]
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-march=native", "-fopenmp",
          "-DNDEBUG", "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]  # fmt: skip

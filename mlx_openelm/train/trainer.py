@@ -86,7 +86,7 @@ def masked_loss(
     whatever the split over micro-batches and ranks.
     """
     logits = model(inputs)
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ce = kernels.cross_entropy(logits, targets) * mask
     return ce.astype(mx.float32).sum(), mask.sum()
 
 
@@ -254,10 +254,7 @@ def train(
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs, targets, mask, acc_grad, scale, do_update):
-        # MLX's own ops: the CPU kernels' backward is theirs plus a recomputed forward, so a step
-        # through the kernels was no faster (bench/train_speed.py; README, "Native CPU kernels").
-        with kernels.disabled():
-            (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
+        (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
         if acc_grad is not None:
             grad = tree_map(mx.add, grad, acc_grad)
         if not do_update:

@@ -83,22 +83,31 @@ inline float exp_shift(float* p, int64_t n, float m) {
   return sum;
 }
 
-// acc = acc * c + sum_j p[j] v[j], 64 dimensions at a time held in registers.
+// acc[0:8R] = acc * c + sum_j p[j] v[j][0:8R], held in R registers over the n keys.
+#ifdef OE_AVX2
+template <int R>
+inline void accumulate_block(float* acc, __m256 cv, const float* p, const float* v, int64_t vs,
+                             int64_t n) {
+  __m256 a[R];
+  for (int i = 0; i < R; i++) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), cv);
+  for (int64_t j = 0; j < n; j++) {
+    const float* vj = v + j * vs;
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < R; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
+  }
+  for (int i = 0; i < R; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+#endif
+
+// acc = acc * c + sum_j p[j] v[j] over hd dimensions: 64 at a time in registers, then 32, then 8.
 inline void accumulate(float* acc, float c, const float* p, const float* v, int64_t vs, int64_t n,
                        int64_t hd) {
   int64_t d0 = 0;
 #ifdef OE_AVX2
   const __m256 cv = _mm256_set1_ps(c);
-  for (; d0 + 64 <= hd; d0 += 64) {
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * i), cv);
-    for (int64_t j = 0; j < n; j++) {
-      const float* vj = v + j * vs + d0;
-      const __m256 pj = _mm256_set1_ps(p[j]);
-      for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
-    }
-    for (int i = 0; i < 8; i++) _mm256_storeu_ps(acc + d0 + 8 * i, a[i]);
-  }
+  for (; d0 + 64 <= hd; d0 += 64) accumulate_block<8>(acc + d0, cv, p, v + d0, vs, n);
+  for (; d0 + 32 <= hd; d0 += 32) accumulate_block<4>(acc + d0, cv, p, v + d0, vs, n);
+  for (; d0 + 8 <= hd; d0 += 8) accumulate_block<1>(acc + d0, cv, p, v + d0, vs, n);
 #endif
   for (int64_t d = d0; d < hd; d++) {
     float t = acc[d] * c;
@@ -107,21 +116,135 @@ inline void accumulate(float* acc, float c, const float* p, const float* v, int6
   }
 }
 
+// y += a * x over n floats.
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+  int64_t d = 0;
+#ifdef OE_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; d + 8 <= n; d += 8)
+    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+#endif
+  for (; d < n; d++) y[d] += a * x[d];
+}
+
+// ds[j] = scale * p[j] * (dp[j] - D), in place in dp.
+inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_t n) {
+  int64_t j = 0;
+#ifdef OE_AVX2
+  const __m256 Dv = _mm256_set1_ps(D), sv = _mm256_set1_ps(scale);
+  for (; j + 8 <= n; j += 8) {
+    __m256 d = _mm256_sub_ps(_mm256_loadu_ps(dp + j), Dv);
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), d), sv));
+  }
+#endif
+  for (; j < n; j++) dp[j] = scale * p[j] * (dp[j] - D);
+}
+
+Reference attention_reference(float scale, bool causal, mx::Stream s) {
+  return [=](const std::vector<mx::array>& in) {
+    auto out = mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale,
+                                                      causal ? "causal" : "", {}, {}, false, s);
+    return std::vector<mx::array>{mx::transpose(out, {0, 2, 1, 3}, s)};
+  };
+}
+
 }  // namespace
+
+// dq, dk, dv of Attention from q, k, v, its output o (B, L, nq, hd) and o's cotangent g.
+// Per key/value head (one task each, so dk and dv have one writer), for each query row i of the
+// heads it serves: p = softmax(scale q_i k^T) again, D = g_i . o_i, dp_j = g_i . v_j,
+// ds_j = scale p_j (dp_j - D); then dq_i = sum_j ds_j k_j, dk_j += ds_j q_i, dv_j += p_j g_i.
+class AttentionGrad : public CpuPrimitive {
+ public:
+  AttentionGrad(mx::Stream s, float scale, bool causal)
+      : CpuPrimitive(s, backward_reference(attention_reference(scale, causal, s), 3, 3)),
+        scale_(scale), causal_(causal) {}
+  const char* name() const override { return "OpenELMAttentionGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttentionGrad&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto q = row_contiguous(inputs[0], enc);
+    auto k = row_contiguous(inputs[1], enc);
+    auto v = row_contiguous(inputs[2], enc);
+    auto o = row_contiguous(inputs[3], enc);
+    auto g = row_contiguous(inputs[4], enc);
+    for (auto& a : outputs) alloc(a);
+    const int64_t B = q.shape(0), nq = q.shape(1), L = q.shape(2), hd = q.shape(3);
+    const int64_t nkv = k.shape(1), S = k.shape(2);
+    enc.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(),
+                  op = o.data<float>(), gp = g.data<float>(), dqp = outputs[0].data<float>(),
+                  dkp = outputs[1].data<float>(), dvp = outputs[2].data<float>(), B, nq, L, hd,
+                  nkv, S, scale = scale_, causal = causal_]() {
+      const int64_t rep = nq / nkv, items = B * nkv;
+      const int threads = std::min<int64_t>(omp_get_max_threads(), items);
+#pragma omp parallel num_threads(threads)
+      {
+        std::vector<float> p(S), ds(S);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+          const int64_t b = item / nkv, h = item % nkv;
+          const float* kh = kp + (b * nkv + h) * S * hd;
+          const float* vh = vp + (b * nkv + h) * S * hd;
+          float* dkh = dkp + (b * nkv + h) * S * hd;
+          float* dvh = dvp + (b * nkv + h) * S * hd;
+          std::fill(dkh, dkh + S * hd, 0.0f);
+          std::fill(dvh, dvh + S * hd, 0.0f);
+          for (int64_t r = 0; r < rep; r++) {
+            const int64_t head = h * rep + r;
+            for (int64_t i = 0; i < L; i++) {
+              const float* qi = qp + ((b * nq + head) * L + i) * hd;
+              const float* gi = gp + ((b * L + i) * nq + head) * hd;
+              const float* oi = op + ((b * L + i) * nq + head) * hd;
+              float* dqi = dqp + ((b * nq + head) * L + i) * hd;
+              const int64_t n = causal ? S - L + i + 1 : S;
+              const float m = scores(qi, kh, hd, n, hd, scale, p.data());
+              const float inv = 1.0f / exp_shift(p.data(), n, m);
+              for (int64_t j = 0; j < n; j++) p[j] *= inv;
+              scores(gi, vh, hd, n, hd, 1.0f, ds.data());
+              softmax_grad(p.data(), ds.data(), dot(gi, oi, hd), scale, n);
+              std::fill(dqi, dqi + hd, 0.0f);
+              accumulate(dqi, 0.0f, ds.data(), kh, hd, n, hd);
+              for (int64_t j = 0; j < n; j++) {
+                axpy(dkh + j * hd, ds[j], qi, hd);
+                axpy(dvh + j * hd, p[j], gi, hd);
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
 
 class Attention : public CpuPrimitive {
  public:
   Attention(mx::Stream s, float scale, bool causal)
-      : CpuPrimitive(s, [=](const std::vector<mx::array>& in) {
-          auto out = mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale,
-                                                            causal ? "causal" : "", {}, {}, false, s);
-          return std::vector<mx::array>{mx::transpose(out, {0, 2, 1, 3}, s)};
-        }),
+      : CpuPrimitive(s, attention_reference(scale, causal, s)),
         scale_(scale), causal_(causal) {}
   const char* name() const override { return "OpenELMAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Attention&>(other);
     return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+  // The backward pass is a kernel too (AttentionGrad): MLX's would rebuild the score matrix and
+  // differentiate its softmax one element at a time.
+  std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
+                                     const std::vector<mx::array>& cotangents,
+                                     const std::vector<mx::array>& outputs) override {
+    const auto& k = primals[1];
+    return mx::array::make_arrays(
+        {primals[0].shape(), k.shape(), k.shape()}, {mx::float32, mx::float32, mx::float32},
+        std::make_shared<AttentionGrad>(stream(), scale_, causal_),
+        {primals[0], primals[1], primals[2], outputs[0], cotangents[0]});
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {

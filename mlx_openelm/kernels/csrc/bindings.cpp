@@ -29,6 +29,8 @@ NB_MODULE(_openelm_kernels, m) {
         nb::kw_only(), "stream"_a = nb::none());
   m.def("attention", &oe::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("cross_entropy", &oe::cross_entropy, "logits"_a, "targets"_a, nb::kw_only(),
+        "stream"_a = nb::none());
   m.def("set_threads", [](int n) { omp_set_num_threads(n); }, "n"_a);
   m.def("threads", []() { return omp_get_max_threads(); });
 }

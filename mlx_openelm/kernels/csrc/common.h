@@ -34,7 +34,7 @@ using Reference = std::function<std::vector<mx::array>(const std::vector<mx::arr
 
 // Each kernel is a Primitive with a CPU implementation only (the Python side sends other devices
 // to MLX's own ops). Its vjp is its reference's, so training through a kernel is exact; the
-// backward pass is MLX's.
+// backward pass is MLX's, unless the kernel has a backward kernel of its own (`grad_kernel`).
 class CpuPrimitive : public mx::Primitive {
  public:
   CpuPrimitive(mx::Stream s, Reference reference) : mx::Primitive(s), reference_(std::move(reference)) {}
@@ -44,16 +44,42 @@ class CpuPrimitive : public mx::Primitive {
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
                              const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums,
-                             const std::vector<mx::array>&) override {
-    auto grads = mx::vjp(reference_, primals, cotangents).second;
+                             const std::vector<mx::array>& outputs) override {
+    bool fp32 = std::all_of(cotangents.begin(), cotangents.end(),
+                            [](const mx::array& c) { return c.dtype() == mx::float32; });
+    auto grads = fp32 ? grad_kernel(primals, cotangents, outputs) : std::vector<mx::array>{};
+    if (grads.empty()) grads = mx::vjp(reference_, primals, cotangents).second;
     std::vector<mx::array> out;
     for (int i : argnums) out.push_back(grads[i]);
     return out;
   }
 
+ protected:
+  // The gradients of all the inputs from a backward kernel (float32 cotangents only), or none to
+  // take the reference's.
+  virtual std::vector<mx::array> grad_kernel(const std::vector<mx::array>& /*primals*/,
+                                             const std::vector<mx::array>& /*cotangents*/,
+                                             const std::vector<mx::array>& /*outputs*/) {
+    return {};
+  }
+
  private:
   Reference reference_;
 };
+
+// The reference of a backward kernel whose inputs are the forward's `n_inputs` inputs, anything
+// else it needs, and last the cotangent: the vjp of `forward` in its first `n_wrt` inputs.
+inline Reference backward_reference(Reference forward, int n_inputs, int n_wrt) {
+  return [=](const std::vector<mx::array>& in) {
+    const std::vector<mx::array> fixed(in.begin() + n_wrt, in.begin() + n_inputs);
+    auto f = [&](const std::vector<mx::array>& wrt) {
+      auto all = wrt;
+      all.insert(all.end(), fixed.begin(), fixed.end());
+      return forward(all);
+    };
+    return mx::vjp(f, {in.begin(), in.begin() + n_wrt}, {in.back()}).second;
+  };
+}
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);

@@ -40,4 +40,11 @@ std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                     bool causal, mx::StreamOrDevice s = {});
 
+// The gradient of `attention` (dq, dk, dv) is a kernel as well: Attention's vjp builds it.
+
+// logsumexp(logits) - logits[target] over the last axis, for targets of logits' shape without it
+// (an out-of-range target gives NaN). Its gradient is a kernel too.
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets,
+                        mx::StreamOrDevice s = {});
+
 }  // namespace oe

@@ -1,0 +1,135 @@
+// Cross-entropy over a vocabulary, forward and backward.
+//
+// MLX's CPU logsumexp and its gradient (a softmax) take exp one element at a time, over every
+// logit of the batch twice per training step; here it is eight at a time, and the gradient row is
+// written in the same pass that exponentiates it.
+#include <limits>
+
+#include "kernels.h"
+
+namespace oe {
+
+namespace {
+
+// Largest of x[0:n] and log(sum exp(x - that)).
+inline std::pair<float, float> max_and_log_sum_exp(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity(), s = 0;
+  int64_t j = 0;
+#ifdef OE_AVX2
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(x);
+    for (j = 8; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+    m = hmax(mv);
+  }
+#endif
+  for (; j < n; j++) m = std::max(m, x[j]);
+  j = 0;
+#ifdef OE_AVX2
+  const __m256 mb = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mb)));
+  s = hsum(acc);
+#endif
+  for (; j < n; j++) s += std::exp(x[j] - m);
+  return {m, std::log(s)};
+}
+
+Reference cross_entropy_reference(mx::Stream s) {
+  return [=](const std::vector<mx::array>& in) {
+    const auto &logits = in[0], &targets = in[1];
+    auto picked = mx::take_along_axis(logits, mx::expand_dims(targets, -1, s), -1, s);
+    return std::vector<mx::array>{
+        mx::subtract(mx::logsumexp(logits, -1, false, s), mx::squeeze(picked, -1, s), s)};
+  };
+}
+
+}  // namespace
+
+// d loss / d logits = g (softmax(logits) - onehot(target)), row by row.
+class CrossEntropyGrad : public CpuPrimitive {
+ public:
+  explicit CrossEntropyGrad(mx::Stream s)
+      : CpuPrimitive(s, backward_reference(cross_entropy_reference(s), 2, 1)) {}
+  const char* name() const override { return "OpenELMCrossEntropyGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc);
+    auto t = row_contiguous(inputs[1], enc);
+    auto g = row_contiguous(inputs[2], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    const int64_t V = x.shape(-1), N = x.size() / V;
+    enc.dispatch([xp = x.data<float>(), tp = t.data<int32_t>(), gp = g.data<float>(),
+                  op = out.data<float>(), N, V]() {
+      parallel_for(N, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++) {
+          const float* xr = xp + r * V;
+          float* dr = op + r * V;
+          auto [m, lse] = max_and_log_sum_exp(xr, V);
+          const float shift = m + lse, gr = gp[r];
+          int64_t j = 0;
+#ifdef OE_AVX2
+          const __m256 sv = _mm256_set1_ps(shift), gv = _mm256_set1_ps(gr);
+          for (; j + 8 <= V; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + j), sv));
+            _mm256_storeu_ps(dr + j, _mm256_mul_ps(e, gv));
+          }
+#endif
+          for (; j < V; j++) dr[j] = std::exp(xr[j] - shift) * gr;
+          const int32_t tr = tp[r];
+          if (tr >= 0 && tr < V) dr[tr] -= gr;
+        }
+      });
+    });
+  }
+};
+
+// logsumexp(logits) - logits[target] per row.
+class CrossEntropy : public CpuPrimitive {
+ public:
+  explicit CrossEntropy(mx::Stream s)
+      : CpuPrimitive(s, cross_entropy_reference(s)) {}
+  const char* name() const override { return "OpenELMCrossEntropy"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+  std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
+                                     const std::vector<mx::array>& cotangents,
+                                     const std::vector<mx::array>&) override {
+    return {mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream()),
+                      {primals[0], primals[1], cotangents[0]}),
+            mx::zeros_like(primals[1], stream())};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc);
+    auto t = row_contiguous(inputs[1], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    const int64_t V = x.shape(-1), N = x.size() / V;
+    enc.dispatch([xp = x.data<float>(), tp = t.data<int32_t>(), op = out.data<float>(), N, V]() {
+      parallel_for(N, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++) {
+          const float* xr = xp + r * V;
+          auto [m, lse] = max_and_log_sum_exp(xr, V);
+          const int32_t tr = tp[r];
+          op[r] = tr >= 0 && tr < V ? m + lse - xr[tr] : std::numeric_limits<float>::quiet_NaN();
+        }
+      });
+    });
+  }
+};
+
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s) {
+  require(logits.dtype() == mx::float32 && targets.dtype() == mx::int32,
+          "cross_entropy: float32 logits and int32 targets only");
+  require(logits.ndim() >= 1 && targets.shape() == mx::Shape(logits.shape().begin(),
+                                                             logits.shape().end() - 1),
+          "cross_entropy: targets must have the shape of logits without its last axis");
+  return mx::array(targets.shape(), mx::float32, std::make_shared<CrossEntropy>(cpu_stream(s)),
+                   {logits, targets});
+}
+
+}  // namespace oe
