@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 OPENELM = "openelm"  # `--chat-template openelm`: the built-in Instruct template
@@ -39,7 +40,7 @@ def read_template_option(value: str) -> str:
         if path.suffix == ".json":
             template = _from_config(path)
             if template is None:
-                raise ValueError(f"{path} has no chat_template")
+                raise UserError(f"{path} has no chat_template")
             return template
         return path.read_text()
     if "{{" in value or "{%" in value:
@@ -96,7 +97,7 @@ def template_for_chat(model: str, folder: str | Path, option: str | None = None)
         return template, "the model folder"
     if looks_instruct(model) or looks_instruct(folder):
         return CHAT_TEMPLATE, "OpenELM Instruct (by the model's name)"
-    raise ValueError(
+    raise UserError(
         f"{model} has no chat template (a base model): chat needs an Instruct model such as "
         "`mlx-openelm convert apple/OpenELM-270M-Instruct OUT`; use `mlx-openelm generate` to "
         f"continue text with a base model, or pass --chat-template {OPENELM} to chat in the "
@@ -105,7 +106,7 @@ def template_for_chat(model: str, folder: str | Path, option: str | None = None)
 
 
 def _raise(message: str) -> None:
-    raise ValueError(f"chat template: {message}")
+    raise UserError(f"chat template: {message}")
 
 
 class ChatTemplate:
@@ -126,7 +127,7 @@ class ChatTemplate:
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise ValueError(f"The chat template does not compile: {e}") from None
+            raise UserError(f"The chat template does not compile: {e}") from None
         sp = tokenizer.sp
         self.tokens: dict[str, Any] = {
             "bos_token": sp.id_to_piece(tokenizer.bos_id),

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import UserError
+
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
 
@@ -88,12 +90,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if problem := _check_record(obj):
-                raise ValueError(f"{path}:{lineno}: {problem}")
+                raise UserError(f"{path}:{lineno}: {problem}")
             records.append(obj)
     if not records:
-        raise ValueError(f"{path} has no records: add one JSON object per line")
+        raise UserError(f"{path} has no records: add one JSON object per line")
     return records
 
 
@@ -277,7 +279,7 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's contiguous slice of a global batch (the batch size must divide evenly)."""
     if len(indices) % world_size:
-        raise ValueError(
+        raise UserError(
             f"batch size {len(indices)} is not divisible by the {world_size} processes: "
             "choose a batch size that is a multiple of the world size"
         )
