@@ -251,7 +251,9 @@ def _resolve(obj: Any, path: Path, root: str, infos: dict, spans: dict, big_endi
         last = t.offset + sum((d - 1) * st for d, st in zip(t.shape, t.stride, strict=True))
         last = last if numel else -1
         if last >= s.numel or len(t.shape) > 8 or any(d >= 1 << 31 for d in t.shape):
-            raise UserError(f"{path}: a tensor {t.shape} reaches past its storage data/{s.key}")
+            raise UserError(
+                f"{path}: a tensor of shape {t.shape} reaches past its storage data/{s.key}"
+            )
         raw = storage_reader(s)
 
         def read() -> np.ndarray:

@@ -3,7 +3,7 @@
 A crafted zip can give an entry a directory size longer than its data (the reader then takes
 weights from the next entry), two entries one name, a wrong CRC, or a deflate stream that expands
 to gigabytes. Here every entry's byte range is checked against its neighbours before anything is
-read, stored data is CRC-checked on first read, and compressed data is decompressed as a stream
+read, every entry is CRC-checked up front, and compressed data is decompressed as a stream
 bounded by what the tensors need.
 """
 
@@ -19,7 +19,8 @@ import numpy as np
 
 from mlx_openelm.errors import UserError
 
-Reader = Callable[[], np.ndarray]
+Reader = Callable[..., np.ndarray]
+CHUNK = 1 << 20
 
 
 def entry_ranges(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
@@ -57,14 +58,14 @@ def entry_ranges(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
 def entry_reader(
     path: Path, info: zipfile.ZipInfo, span: tuple[int, int], mm: Reader, nbytes: int
 ) -> Reader:
-    """A function that returns the entry's `nbytes` as uint8, checked against its CRC."""
+    """A function that returns the entry's `nbytes` as uint8. The CRC is checked here, before any
+    tensor is converted, so a corrupt entry is refused before anything is logged or written."""
     if info.file_size != nbytes:
         what = "is short" if info.file_size < nbytes else "expands to more than"
         raise UserError(
             f"{path}: zip entry {info.filename} {what} its tensors need ({info.file_size:,} "
             f"bytes, need {nbytes:,}): truncated, corrupt or crafted file, refused"
         )
-    checked: list[bool] = []
 
     def corrupt(why: str) -> UserError:
         return UserError(f"{path}: zip entry {info.filename} is corrupt ({why}): re-download it")
@@ -74,24 +75,25 @@ def entry_reader(
             raise corrupt(f"{info.compress_size} bytes stored for {nbytes}")
 
         def read_stored() -> np.ndarray:
-            data = mm()[span[0] : span[0] + nbytes]
-            if not checked:
-                if zlib.crc32(data) != info.CRC:
-                    raise corrupt("bad CRC-32")
-                checked.append(True)
-            return data
+            return mm()[span[0] : span[0] + nbytes]
 
+        if zlib.crc32(read_stored()) != info.CRC:
+            raise corrupt("bad CRC-32")
         return read_stored
 
-    def read_compressed() -> np.ndarray:
+    def read_compressed(keep: bool = True) -> np.ndarray:
         # Someone re-zipped it with compression: stream it, never more than `nbytes` out.
+        chunks, left = [], nbytes
         try:
             with zipfile.ZipFile(path) as z, z.open(info) as f:
-                data = f.read(nbytes)
-                if len(data) != nbytes or f.read(1):  # EOF is where zipfile checks the CRC
+                while left and (chunk := f.read(min(left, CHUNK))):
+                    left -= len(chunk)
+                    chunks.append(chunk) if keep else None
+                if left or f.read(1):  # EOF is where zipfile checks the CRC
                     raise corrupt("its data does not match its size")
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
             raise corrupt(str(e)) from None
-        return np.frombuffer(data, dtype=np.uint8)
+        return np.frombuffer(b"".join(chunks), dtype=np.uint8)
 
+    read_compressed(keep=False)  # the CRC, in bounded memory
     return read_compressed

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, read_json, read_text
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 OPENELM = "openelm"  # `--chat-template openelm`: the built-in Instruct template
@@ -42,7 +42,7 @@ def read_template_option(value: str) -> str:
             if template is None:
                 raise UserError(f"{path} has no chat_template")
             return template
-        return path.read_text()
+        return read_text(path)
     if "{{" in value or "{%" in value:
         return value
     raise FileNotFoundError(
@@ -52,7 +52,8 @@ def read_template_option(value: str) -> str:
 
 
 def _from_config(path: Path) -> str | None:
-    template = json.loads(path.read_text()).get("chat_template")
+    doc = read_json(path)
+    template = doc.get("chat_template") if isinstance(doc, dict) else None
     if isinstance(template, list):  # named templates, as transformers saves several
         template = {t.get("name"): t.get("template") for t in template}.get("default")
     return template or None
@@ -63,7 +64,7 @@ def folder_template(folder: str | Path) -> str | None:
     precedence transformers gives them), else None."""
     folder = Path(folder)
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
+        return read_text(folder / "chat_template.jinja")
     config = folder / "tokenizer_config.json"
     return _from_config(config) if config.is_file() else None
 
@@ -138,9 +139,14 @@ class ChatTemplate:
         self.source = source
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens
-        )
+        try:
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens
+            )
+        except UserError:
+            raise  # the template's own raise_exception(...)
+        except Exception as e:  # the template is the user's code: whatever it raises is theirs
+            raise UserError(f"the chat template fails: {type(e).__name__}: {e}") from None
 
 
 def encode_conversation(

@@ -24,6 +24,23 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+MAX_SEED = (1 << 32) - 1  # what every consumer takes: mx.random.seed, numpy's legacy seeding
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    """A seed every random generator here accepts (MLX refuses negative ones with a TypeError)."""
+    if seed is not None and not (is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise UserError(f"{option} must be a whole number from 0 to {MAX_SEED}, got {seed!r:.40}")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Text from argv or a terminal holds undecodable bytes as surrogates; refuse it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 text (character {e.start})") from None
+
+
 MAX_JSON_DEPTH = 64  # no config, index or state file we read nests deeper than a few levels
 
 

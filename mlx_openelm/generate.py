@@ -19,7 +19,7 @@ from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import UserError
+from .errors import UserError, check_seed, check_utf8
 from .tokenizer import Tokenizer, require_tokenizer
 
 Sampler = Callable[[mx.array], mx.array]
@@ -366,6 +366,10 @@ def run(
     """
     if not prompt:
         raise UserError("The prompt is empty: pass some text with --prompt")
+    check_utf8(prompt, "--prompt")
+    for text, what in [(system or "", "--system"), *((s, "--stop") for s in stop)]:
+        check_utf8(text, what)
+    check_seed(seed)
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not chat and (system is not None or chat_template is not None):

@@ -43,10 +43,13 @@ def read_documents(data: str | Path) -> list[tuple[str, str]]:
             if not line.strip():
                 continue
             try:
-                docs.append((f"{f}:{n}", json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+                docs.append((f"{f}:{n}", text))
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
                 raise UserError(f'{f}:{n}: expected a JSON object with a "text" field') from None
-    docs = [(name, text) for name, text in docs if text]
+    docs = [(name, text) for name, text in docs if text.strip()]  # whitespace scores no token
     if not docs:
         raise UserError(f"No text found in {data} (looked for {', '.join(TEXT_SUFFIXES)} files)")
     return docs
@@ -107,6 +110,8 @@ def perplexity(
         batch_size=batch_size, stats=stats, progress=verbose,
     )  # fmt: skip
     tokens = sum(len(t) for t in ids)
+    if tokens == 0:
+        raise UserError(f"{data} has no text to score (only whitespace)")
     nbytes = sum(len(text.encode("utf-8")) for _, text in docs)
     nll = -sum(totals)
     report = {

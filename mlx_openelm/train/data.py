@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, read_text
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
@@ -78,22 +78,23 @@ def _check_record(obj: Any) -> str | None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a jsonl file; the first bad line raises ValueError naming file:line."""
+    """Read and validate a jsonl file; the first bad line raises UserError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not records
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if problem := _check_record(obj):
-                raise UserError(f"{path}:{lineno}: {problem}")
-            records.append(obj)
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are not records
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if problem := _check_record(obj):
+            raise UserError(f"{path}:{lineno}: {problem}")
+        records.append(obj)
     if not records:
         raise UserError(f"{path} has no records: add one JSON object per line")
     return records

@@ -18,7 +18,7 @@ from mlx_lm.utils import dequantize_model
 from .. import hub
 from ..chat_template import folder_template
 from ..config import ModelArgs
-from ..errors import UserError
+from ..errors import UserError, read_json
 from ..loading import atomic_folder, load
 from ..tokenizer import write_tokenizer_files
 
@@ -111,7 +111,7 @@ def export(
                 f"{folder} has no tokenizer.model, and a GGUF file must hold the vocabulary: "
                 "copy the model's SentencePiece tokenizer.model into the folder"
             )
-    quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+    quantization = read_json(folder / "config.json").get("quantization")
     if quantization:
         bits = quantization.get("bits")
         note = f"note: {folder} holds {bits}-bit MLX weights: they are dequantised first"

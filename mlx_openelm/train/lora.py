@@ -23,7 +23,7 @@ from mlx_lm.utils import dequantize_model
 
 from .. import hub
 from ..chat_template import folder_template
-from ..errors import UserError
+from ..errors import UserError, read_json
 from ..loading import atomic_folder, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
@@ -154,7 +154,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     for name in (ADAPTER_CONFIG, ADAPTERS):
         if not (adapter_path / name).is_file():
             raise FileNotFoundError(f"{adapter_path} has no {name}: is it an adapter folder?")
-    config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+    config = read_json(adapter_path / ADAPTER_CONFIG)
     if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise UserError(f"{adapter_path}: only LoRA and DoRA adapters are supported")
     apply_lora(model, config)
@@ -260,7 +260,7 @@ def lora(
     def check_options() -> None:
         if not (resume and (adapter_path / ADAPTER_CONFIG).is_file()):
             return
-        saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+        saved = read_json(adapter_path / ADAPTER_CONFIG)
         if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
             raise UserError(
                 f"{adapter_path} was trained with other LoRA options "
@@ -322,7 +322,7 @@ def fuse(
     base, _, model_args = load(folder, adapter_path=adapter_path)
     quantization = None
     if not dequantize:
-        quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+        quantization = read_json(folder / "config.json").get("quantization")
     fused = fuse_adapters(base, dequantize=dequantize)
     tokenizer_file = folder / "tokenizer.model"
     with atomic_folder(out) as tmp:

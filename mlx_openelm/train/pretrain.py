@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import PRESETS, ModelArgs
 from ..config import preset as preset_args
-from ..errors import UserError
+from ..errors import UserError, check_seed, read_json
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, check_run_folder
@@ -84,7 +84,7 @@ def build_config(
     overrides = dict(overrides or {})
     if config is not None:
         ModelArgs.from_file(config)  # a clear error for a missing or broken file
-        params = json.loads(Path(config).read_text())
+        params = read_json(Path(config))
         if overrides and not {"num_query_heads", "num_kv_heads"} & set(overrides):
             params.pop("num_query_heads", None)
             params.pop("num_kv_heads", None)
@@ -103,6 +103,7 @@ def build_config(
 
 def init_weights(model: Model, args: ModelArgs, seed: int = 0) -> None:
     """CoreNet's OpenELM init: N(0, fan_in^-1/2) linears, output projections scaled by (2L)^-1/2."""
+    check_seed(seed)
     mx.random.seed(seed)
     out_scale = (2 * args.num_transformer_layers) ** -0.5
     new = {}
@@ -305,7 +306,7 @@ def pretrain(
         progress=progress,
     )
     seconds = time.perf_counter() - tic
-    previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else {}
+    previous = read_json(out / SUMMARY) if (out / SUMMARY).is_file() else {}
     trained_now = not math.isnan(result["train_loss"])  # NaN: the run had already finished
     summary: dict[str, Any] = {
         "parameters": model_args.num_parameters(),

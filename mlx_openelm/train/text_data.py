@@ -68,6 +68,8 @@ def read_documents(path: str | Path, doc_separator: str | None = None) -> list[s
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise UserError(f"{file}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise UserError(f'{file}:{lineno}: expected {{"text": "..."}} for pretraining')
                 docs.append(obj["text"])

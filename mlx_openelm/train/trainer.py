@@ -24,7 +24,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from .. import kernels
-from ..errors import UserError
+from ..errors import UserError, check_seed
 from .checkpoint import (
     check_resume_args,
     check_run_folder,
@@ -72,6 +72,7 @@ class TrainingArgs:
             )
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("learning_rate must be positive and min_lr_ratio in [0, 1]")
+        check_seed(self.seed)
         for name in ("steps_per_report", "steps_per_save", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
