@@ -40,7 +40,9 @@ MAX_HEADER = 100 << 20  # safetensors' own limit
 def _entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype, shape, start, end) of one header entry, every field checked for type and range."""
     bad = UserError(f"{path}: bad safetensors header entry {name!r:.80}: {info!r:.200}")
-    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise bad
+    if info["dtype"] not in SAFETENSORS_DTYPES:
         raise bad
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
