@@ -97,6 +97,16 @@ def parse_json(text: str | bytes, source: str | Path) -> Any:
     return obj
 
 
+def parse_json_line(line: str, where: str) -> Any:
+    """One jsonl record; the error names `file:line`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file, every way it can be bad reported as a UserError naming it."""
     return parse_json(read_text(path), path)

@@ -12,14 +12,13 @@ data-parallel run see exactly the examples an uninterrupted single process would
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import UserError, read_text
+from ..errors import UserError, parse_json_line, read_text
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
@@ -86,12 +85,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     for lineno, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline) are not records
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path}:{lineno}: JSON nested too deeply") from None
+        obj = parse_json_line(line, f"{path}:{lineno}")
         if problem := _check_record(obj):
             raise UserError(f"{path}:{lineno}: {problem}")
         records.append(obj)

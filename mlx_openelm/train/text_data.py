@@ -12,13 +12,12 @@ validation split is a seeded choice of whole documents, so no validation text is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, parse_json_line
 from .data import Example, TokenizerLike, _special_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -64,12 +63,7 @@ def read_documents(path: str | Path, doc_separator: str | None = None) -> list[s
             for lineno, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
-                except RecursionError:
-                    raise UserError(f"{file}:{lineno}: JSON nested too deeply") from None
+                obj = parse_json_line(line, f"{file}:{lineno}")
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise UserError(f'{file}:{lineno}: expected {{"text": "..."}} for pretraining')
                 docs.append(obj["text"])
