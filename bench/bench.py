@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_openelm.errors import MissingDependency, UserError
+
 MAX_CHECK_TOKENS = 32  # generated tokens compared between implementations
 BLAS_ENV = "MLX_OPENELM_BLAS"  # see mlx_openelm/_blas.py
 
@@ -158,9 +160,9 @@ class TorchRunner:
         from mlx_openelm.bench.reference import OpenELM
 
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--reference-device must be auto, cpu or cuda, got {device!r}")
+            raise UserError(f"--reference-device must be auto, cpu or cuda, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("PyTorch sees no CUDA GPU here: use --reference-device cpu (or auto)")
+            raise UserError("PyTorch sees no CUDA GPU here: use --reference-device cpu (or auto)")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.torch, self.dev = torch, device
@@ -276,8 +278,10 @@ def worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
-# Errors a user can fix travel back from the worker as themselves, not as a crash.
-_USER_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, ImportError)}
+# Errors a user can fix travel back from the worker as themselves, not as a crash (a missing
+# package there, torch for the reference, is the user's to install).
+_USER_ERRORS = {e.__name__: e for e in (UserError, FileNotFoundError, ImportError)}
+_RAISED_AS = {"ImportError": MissingDependency}
 
 
 def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -308,7 +312,7 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if proc.returncode == 0 and "results" in answer:
         return answer["results"]
     if "error" in answer:
-        raise _USER_ERRORS[answer["type"]](answer["error"])
+        raise _RAISED_AS.get(answer["type"], _USER_ERRORS[answer["type"]])(answer["error"])
     raise RuntimeError(
         f"the {spec['implementation']} worker failed:\n" + ("\n".join(tail) or "(no output)")
     )

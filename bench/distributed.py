@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_openelm._blas import thread_env
+from mlx_openelm.errors import UserError
 
 MODEL = dict(
     num_transformer_layers=4, model_dim=128, head_dim=32, vocab_size=512,
@@ -117,7 +118,7 @@ def run(
     records = []
     for n in ranks:
         if batch % n:
-            raise ValueError(f"--batch {batch} is not divisible by {n} ranks")
+            raise UserError(f"--batch {batch} is not divisible by {n} ranks")
         per_rank = threads or max(1, cores // n)  # local ranks share the cores
         env = {**os.environ, **thread_env(per_rank)}
         for mode in ("full", "lora"):

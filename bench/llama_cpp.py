@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlx_openelm.errors import UserError
+
 from .bench import MAX_CHECK_TOKENS, prompt_ids
 
 NAME = "llama.cpp"
@@ -46,7 +48,7 @@ def gguf_type(dtype: str, q_bits: int | None) -> str:
     """The GGUF type that matches the MLX rows' weights."""
     if q_bits:
         if q_bits not in GGUF_FOR_BITS:
-            raise ValueError(
+            raise UserError(
                 f"--llama-cpp matches MLX 8-bit and 4-bit rows with q8_0 and q4_0; "
                 f"there is no llama.cpp type for {q_bits}-bit: use --q-bits 8 or 4"
             )
@@ -81,7 +83,7 @@ def _run(cmd: list[str]) -> tuple[str, int]:
         if proc.returncode != 0:
             err.seek(0)
             tail = [line for line in err.read().splitlines() if line.strip()][-3:]
-            raise ValueError(
+            raise UserError(
                 f"{Path(cmd[0]).name} failed (exit {proc.returncode}): " + " | ".join(tail)
             )
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -109,7 +111,7 @@ def check_tokens(spec: dict[str, Any], n: int) -> list[int]:
         ])  # fmt: skip
     tokens = placeholder_text_to_ids(out.rstrip("\n"))[:n_check]
     if len(tokens) < n_check:
-        raise ValueError(f"llama-completion printed {len(tokens)} of {n_check} tokens: {out!r}")
+        raise UserError(f"llama-completion printed {len(tokens)} of {n_check} tokens: {out!r}")
     return tokens
 
 
@@ -131,7 +133,7 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     for n in lengths:
         pp, tg = tests.get((n, 0, 0)), tests.get((0, gen, n))
         if pp is None or tg is None:
-            raise ValueError(f"llama-bench reported no pp{n} or tg{gen} @ d{n} test")
+            raise UserError(f"llama-bench reported no pp{n} or tg{gen} @ d{n} test")
         prefill, decode = list(pp["samples_ts"]), list(tg["samples_ts"])
         ttft = [n / s for s in prefill]
         rows.append(dict(

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from mlx_openelm.errors import MissingDependency
+
 
 def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
@@ -84,7 +86,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+        raise MissingDependency("--plot needs matplotlib: pip install matplotlib") from None
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

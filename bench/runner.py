@@ -12,6 +12,8 @@ from typing import Any
 
 from rich.console import Console
 
+from mlx_openelm.errors import MissingDependency, UserError
+
 from . import llama_cpp as llama
 from .bench import BLAS_ENV, machine_info, measure_bandwidth, run_worker
 from .report import plot, print_report, require_matplotlib
@@ -71,7 +73,7 @@ def check_agreement(results: list[dict[str, Any]], tol: float = MARGIN_TOL) -> N
             got = row["check_tokens"][:k]
             if got != want:
                 i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-                raise ValueError(
+                raise UserError(
                     f"prompt {n}: {name} generated {got} but {base_name} generated {want} "
                     f"(first difference at token {i}): refusing to compare a wrong implementation"
                 )
@@ -116,7 +118,7 @@ def parse_lengths(lengths: Sequence[int] | str) -> list[int]:
         try:
             return [int(x) for x in lengths.replace(" ", "").split(",") if x]
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"--prompt-tokens must be comma-separated lengths like 128,512, got {lengths!r}"
             ) from None
     return [int(n) for n in lengths]
@@ -126,27 +128,27 @@ def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, r
               reference_device, reference_model, trials, json_path, plot_path,
               llama_cpp) -> dict[str, str | None] | None:  # fmt: skip
     if sum(x is not None for x in (model, preset, config)) != 1:
-        raise ValueError("give exactly one of --model, --preset or --config")
+        raise UserError("give exactly one of --model, --preset or --config")
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if q_bits is not None and q_bits not in Q_BITS:
-        raise ValueError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
+        raise UserError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
     if not prompt_tokens or min(prompt_tokens) < 1:
-        raise ValueError(f"--prompt-tokens must be positive lengths, got {list(prompt_tokens)}")
+        raise UserError(f"--prompt-tokens must be positive lengths, got {list(prompt_tokens)}")
     if gen_tokens < 2:
-        raise ValueError(f"--gen-tokens must be at least 2 (decode needs two), got {gen_tokens}")
+        raise UserError(f"--gen-tokens must be at least 2 (decode needs two), got {gen_tokens}")
     if trials < 1:
-        raise ValueError(f"--trials must be at least 1, got {trials}")
+        raise UserError(f"--trials must be at least 1, got {trials}")
     if reference not in ("torch", "none"):
-        raise ValueError(f"--reference must be torch or none, got {reference!r}")
+        raise UserError(f"--reference must be torch or none, got {reference!r}")
     if reference_device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--reference-device must be auto, cpu or cuda, got {reference_device!r}")
+        raise UserError(f"--reference-device must be auto, cpu or cuda, got {reference_device!r}")
     if reference_model is not None and reference != "torch":
-        raise ValueError(
+        raise UserError(
             "--reference-model is for the PyTorch reference: it needs --reference torch"
         )
     if reference == "torch" and q_bits:
-        raise ValueError(
+        raise UserError(
             "the PyTorch reference runs unquantised weights only: drop --quantize or pass "
             "--reference none"
         )
@@ -159,7 +161,7 @@ def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, r
         try:
             import torch  # noqa: F401
         except ImportError:
-            raise ImportError(
+            raise MissingDependency(
                 "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
                 "(or pass --reference none)"
             ) from None
@@ -263,13 +265,13 @@ def bench(
     machine = machine_info()
     folder, args, name = _resolve(model, preset, config)
     if max(prompt_tokens) + gen_tokens > args.max_context_length:
-        raise ValueError(
+        raise UserError(
             f"{max(prompt_tokens)} prompt + {gen_tokens} generated tokens exceed the model's "
             f"context of {args.max_context_length}: lower --prompt-tokens or --gen-tokens"
         )
     if folder is not None and reference == "torch":
         if "quantization" in json.loads((folder / "config.json").read_text()):
-            raise ValueError(
+            raise UserError(
                 f"{folder} holds quantised weights, which the PyTorch reference can't run: "
                 "pass --reference none (or bench the unquantised folder)"
             )

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from mlx_openelm.errors import UserError
+
 from .reference import DTYPE_NAMES, OpenELM, expand_config
 
 # CoreNet's `gpt_configs` names for the released sizes (every other field is a default below).
@@ -100,9 +102,9 @@ def save_hf(
             weights exceed this; None writes one file.
     """
     if fmt not in ("safetensors", "bin"):
-        raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+        raise UserError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
     if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {dtype}")
+        raise UserError(f"dtype must be one of {list(DTYPE_NAMES)}, got {dtype}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Tied models have no lm_head parameter, so no lm_head.weight is written.
@@ -178,11 +180,11 @@ def save_corenet(
     vocab = cfg["vocab_size"]
     padded = vocab if padded_vocab is None else padded_vocab
     if padded < vocab:
-        raise ValueError(f"padded_vocab ({padded}) is smaller than vocab_size ({vocab})")
+        raise UserError(f"padded_vocab ({padded}) is smaller than vocab_size ({vocab})")
     if model_name is not None:
         named = CORENET_MODELS.get(model_name)
         if named is None or any(expand_config(named)[k] != cfg[k] for k in SHAPE_KEYS):
-            raise ValueError(
+            raise UserError(
                 f"model_name {model_name!r} does not name this model's shape: use one of "
                 f"{', '.join(CORENET_MODELS)} for a released size, or None to write the fields"
             )

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mlx_openelm.config import ModelArgs, preset
+from mlx_openelm.errors import UserError
 
 from .readers import read_weights_file
 from .tensors import TensorRef
@@ -46,22 +47,22 @@ def read_yaml(path: str | Path) -> tuple[ModelArgs, int]:
     except FileNotFoundError:
         raise FileNotFoundError(f"No CoreNet YAML at {path}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {_one_line(e)}") from None
+        raise UserError(f"{path} is not valid YAML: {_one_line(e)}") from None
     model = doc.get("model") if isinstance(doc, dict) else None
     lm = model.get("language_modeling") if isinstance(model, dict) else None
     if not isinstance(lm, dict) or not isinstance(lm.get("general_gpt"), dict):
-        raise ValueError(f"{path} has no {SECTION} section: is it a CoreNet OpenELM training YAML?")
+        raise UserError(f"{path} has no {SECTION} section: is it a CoreNet OpenELM training YAML?")
     if lm.get("name", "general_gpt") != "general_gpt":
-        raise ValueError(f"{path} trains {lm['name']!r}, not general_gpt (OpenELM)")
+        raise UserError(f"{path} trains {lm['name']!r}, not general_gpt (OpenELM)")
     section: dict[str, Any] = lm["general_gpt"]
     for key, allowed in FIXED.items():
         if section.get(key, allowed[0]) not in allowed:
-            raise ValueError(f"{path}: {key} {section[key]!r} is not supported (only {allowed[0]})")
+            raise UserError(f"{path}: {key} {section[key]!r} is not supported (only {allowed[0]})")
 
     fields = {k: section[k] for k in SHAPE_FIELDS if k in section}
     rows = section.get("vocab_size")
     if not isinstance(rows, int) or rows <= 0:
-        raise ValueError(f"{path}: {SECTION}.vocab_size must be a positive integer, got {rows!r}")
+        raise UserError(f"{path}: {SECTION}.vocab_size must be a positive integer, got {rows!r}")
     pad = section.get("padding_index")
     vocab = pad if isinstance(pad, int) and 0 < pad < rows else rows
     name = section.get("model_name")
@@ -71,13 +72,13 @@ def read_yaml(path: str | Path) -> tuple[ModelArgs, int]:
         try:
             preset(str(name))
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"model_name {name!r} is not an OpenELM size (OpenELM-270M, -450M, -1_1B, -3B); "
                 "give the shape fields (num_transformer_layers, model_dim, head_dim, ...) instead"
             ) from None
         return preset(str(name), **fields, vocab_size=vocab), rows  # fields override the size
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {SECTION}: {_one_line(e)}") from None
+        raise UserError(f"{path}: {SECTION}: {_one_line(e)}") from None
 
 
 def _hf_name(key: str) -> str:
@@ -97,7 +98,7 @@ def read_corenet(
     state = read_weights_file(pt)
     emb = state.get("token_embeddings.weight", state.get("transformer.token_embeddings.weight"))
     if emb is not None and emb.shape[:1] != (rows,):
-        raise ValueError(
+        raise UserError(
             f"{pt}: the embedding has {emb.shape[0]} rows but {config_yaml} says vocab_size "
             f"{rows}: is this the YAML the checkpoint was trained with?"
         )

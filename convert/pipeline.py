@@ -12,7 +12,8 @@ import mlx.core as mx
 from mlx_openelm import hub
 from mlx_openelm.chat_template import template_for_convert
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.loading import atomic_folder, save_model
+from mlx_openelm.errors import UserError
+from mlx_openelm.loading import atomic_folder, check_writable, save_model
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer import Tokenizer, write_tokenizer_files
 from mlx_openelm.tokenizer_sources import explicit_tokenizer, resolve_tokenizer
@@ -45,11 +46,11 @@ def default_dtype() -> str:
 def _check_options(dtype: str, quantize: bool, q_bits: int, q_group_size: int) -> mx.Dtype:
     dtype = default_dtype() if dtype == "auto" else dtype
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16")
+        raise UserError(f"Unknown dtype {dtype!r}: choose auto, float32, float16 or bfloat16")
     if quantize and q_bits not in Q_BITS:
-        raise ValueError(f"q_bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
+        raise UserError(f"q_bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
     if quantize and q_group_size not in Q_GROUP_SIZES:
-        raise ValueError(f"q_group_size must be 32, 64 or 128, got {q_group_size}")
+        raise UserError(f"q_group_size must be 32, 64 or 128, got {q_group_size}")
     return DTYPES[dtype]
 
 
@@ -71,7 +72,7 @@ def read_source(source: str | Path, config_yaml: str | Path | None = None) -> So
         return Source(args, tensors, notes=notes)
     path = hub.resolve(source, allow_patterns=HUB_PATTERNS)
     if path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{path} is a file: pass the Hugging Face folder that holds it with config.json, "
             "or give a CoreNet checkpoint's training YAML with --config-yaml"
         )
@@ -79,7 +80,7 @@ def read_source(source: str | Path, config_yaml: str | Path | None = None) -> So
     try:
         args = ModelArgs.from_dict(config)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from None
+        raise UserError(f"{path / 'config.json'}: {e}") from None
     tokenizer = path / "tokenizer.model"
     return Source(args, read_hf_weights(path), tokenizer if tokenizer.is_file() else None)
 
@@ -128,10 +129,9 @@ def convert(
     target = _check_options(dtype, quantize, q_bits, q_group_size)
     dtype = str(target).removeprefix("mlx.core.")
     out = Path(out)
-    if not overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists: delete it or choose another output path")
+    check_writable(out, overwrite)  # before the (possibly long) reading and checking
     if no_tokenizer and tokenizer is not None:
-        raise ValueError("Pass either --tokenizer or --no-tokenizer, not both")
+        raise UserError("Pass either --tokenizer or --no-tokenizer, not both")
     # Explicit choices are checked before the (possibly large) source is read.
     explicit = explicit_tokenizer(tokenizer) if tokenizer is not None else None
     template, template_origin = template_for_convert(source, chat_template)
@@ -143,7 +143,7 @@ def convert(
         src.tokenizer, None, args.vocab_size, fetch_default=not no_tokenizer
     )
     if tok is not None and (pieces := Tokenizer(tok).vocab_size) > args.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{tok} has {pieces} pieces but the model only {args.vocab_size} embeddings: "
             "wrong tokenizer for this checkpoint"
         )

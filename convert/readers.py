@@ -8,11 +8,13 @@ which are checked against the file size before anything is read.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+
+from mlx_openelm.errors import UserError, is_int, parse_json, read_json
 
 from .tensors import NUMPY_DTYPES, TensorRef, memmap, view
 from .torch_zip import read_torch_zip
@@ -26,10 +28,28 @@ SAFETENSORS_DTYPES = {
     "I32": "int32",
     "I16": "int16",
     "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
     "U8": "uint8",
     "BOOL": "bool",
 }
 MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, every field checked for type and range."""
+    bad = UserError(f"{path}: bad safetensors header entry {name!r:.80}: {info!r:.200}")
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise bad
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise bad
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise bad
+    if len(shape) > 8 or not all(is_int(d) and 0 <= d < 1 << 31 for d in (*shape, *offsets)):
+        raise bad  # a float, bool, negative or absurd size: never written by a real saver
+    return SAFETENSORS_DTYPES[info["dtype"]], tuple(shape), offsets[0], offsets[1]
 
 
 def read_safetensors(path: str | Path) -> dict[str, TensorRef]:
@@ -39,40 +59,42 @@ def read_safetensors(path: str | Path) -> dict[str, TensorRef]:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > min(size - 8, MAX_HEADER):
-                raise ValueError(
+                raise UserError(
                     f"{path}: bad safetensors header (length {n}, file {size} bytes): the file is "
                     "truncated or not safetensors; re-download it"
                 )
-            header = json.loads(f.read(n))
+            raw = f.read(n)
     except FileNotFoundError:
         raise FileNotFoundError(f"No such file: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: bad safetensors header ({e}); re-download it") from None
+    try:
+        header = parse_json(raw, path)
+    except UserError as e:
+        raise UserError(f"bad safetensors header: {e}; re-download it") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: bad safetensors header (not a JSON object)")
+        raise UserError(f"{path}: bad safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     base, mm = 8 + n, memmap(path)
-    tensors = {}
+    tensors, ranges = {}, []
     for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: bad safetensors header entry {name!r}: {info!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
-        if end - start != nbytes or start < 0:
-            raise ValueError(f"{path}: bad safetensors header: {name} {shape} in {end - start} B")
+        dtype, shape, start, end = _entry(path, name, info)
+        nbytes = math.prod(shape) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+        if end - start != nbytes:
+            raise UserError(f"{path}: bad safetensors header: {name} {shape} in {end - start} B")
         if base + end > size:
-            raise ValueError(
+            raise UserError(
                 f"{path} is truncated ({size} bytes, tensor {name} ends at byte {base + end}): "
                 "re-download it"
             )
+        ranges.append((start, end, name))
 
         def read(a=base + start, b=base + end, dtype=dtype, shape=shape) -> np.ndarray:
             return view(mm()[a:b], dtype, shape)
 
         tensors[name] = TensorRef(shape, dtype, path, read)
+    ranges.sort()
+    for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+        if end > start:
+            raise UserError(f"{path}: tensors {a} and {b} share bytes: corrupt or crafted, refused")
     return tensors
 
 
@@ -84,18 +106,31 @@ def read_weights_file(path: Path) -> dict[str, TensorRef]:
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
         state = state["model_state_dict"]  # a CoreNet training checkpoint: take the weights
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    bad = [str(k) for k, v in state.items() if not isinstance(v, TensorRef)]
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    if not all(isinstance(k, str) for k in state):
+        key = next(k for k in state if not isinstance(k, str))
+        raise UserError(f"{path}: a tensor is named {key!r:.80}, not a string: not a state dict")
+    bad = [k for k, v in state.items() if not isinstance(v, TensorRef)]
     if bad:
-        raise ValueError(f"{path}: {', '.join(bad[:5])} are not tensors: not a state dict")
+        raise UserError(f"{path}: {', '.join(bad[:5])} are not tensors: not a state dict")
     return state
 
 
+def _shard_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard file map; a shard must be a plain name inside the folder."""
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: not a valid shard index (weight_map must map names to files)")
+    for f in set(weight_map.values()):
+        p = PurePath(f)
+        if not f or p.is_absolute() or ".." in p.parts or "\\" in f or p.name != f.strip("/"):
+            raise UserError(f"{index}: shard {f!r:.100} is not a file in the model folder: refused")
+    return weight_map
+
+
 def _read_sharded(index: Path) -> dict[str, TensorRef]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+    weight_map = _shard_map(index)
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
@@ -108,10 +143,10 @@ def _read_sharded(index: Path) -> dict[str, TensorRef]:
         shard = read_weights_file(index.parent / f)
         absent = [k for k, v in weight_map.items() if v == f and k not in shard]
         if absent:
-            raise ValueError(f"{index.parent / f} lacks {', '.join(absent[:5])} (see the index)")
+            raise UserError(f"{index.parent / f} lacks {', '.join(absent[:5])} (see the index)")
         twice = [k for k in shard if k in tensors]
         if twice:
-            raise ValueError(f"{index.parent / f} repeats {', '.join(twice[:5])} of another shard")
+            raise UserError(f"{index.parent / f} repeats {', '.join(twice[:5])} of another shard")
         tensors.update(shard)
     return tensors
 
@@ -137,10 +172,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
             f"{folder} has no config.json: pass a Hugging Face OpenELM folder, or a CoreNet .pt "
             "with --config-yaml"
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path)
     if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object")
+        raise UserError(f"{path} is not a JSON object")
     return config

@@ -23,6 +23,9 @@ NUMPY_DTYPES: dict[str, type] = {
     "int32": np.int32,
     "int16": np.int16,
     "int8": np.int8,
+    "uint64": np.uint64,
+    "uint32": np.uint32,
+    "uint16": np.uint16,
     "uint8": np.uint8,
     "bool": np.bool_,
 }

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 from mlx.utils import tree_flatten
 
 from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import UserError
 from mlx_openelm.model import Model
 
 from .tensors import FLOAT_DTYPES, TensorRef
+
+LAYER = re.compile(r"transformer\.layers\.(\d{1,6})\.")
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -21,7 +26,15 @@ def _few(names: list[str], n: int = 4) -> str:
 
 
 def validate(tensors: dict[str, TensorRef], args: ModelArgs, source: str) -> None:
-    """Raise one ValueError (one line) naming every missing, unknown or misshapen tensor."""
+    """Raise one UserError (one line) naming every missing, unknown or misshapen tensor."""
+    # Layer counts first, from the names: building a model of a config's (maybe absurd) size
+    # only to list its missing tensors can take minutes.
+    layers = {int(m[1]) for k in tensors if (m := LAYER.match(k))}
+    if len(layers) != args.num_transformer_layers:
+        raise UserError(
+            f"{source} holds {len(layers)} transformer layers but its config says "
+            f"{args.num_transformer_layers}: wrong config for this checkpoint"
+        )
     expected = expected_shapes(args)
     missing = [k for k in expected if k not in tensors]
     unknown = [k for k in tensors if k not in expected]
@@ -46,7 +59,7 @@ def validate(tensors: dict[str, TensorRef], args: ModelArgs, source: str) -> Non
     if not_float:
         problems.append(f"not floating point: {_few(not_float)}")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"{source} does not match its config ({args.num_transformer_layers} layers, "
             f"model_dim {args.model_dim}, vocab {args.vocab_size}): " + "; ".join(problems)
         )

@@ -34,6 +34,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from .chat_template import ChatTemplate, template_for_chat
+from .errors import UserError, check_seed, check_utf8
 from .generate import (
     DEFAULT_REPETITION_PENALTY,
     GenerationResponse,
@@ -107,7 +108,7 @@ class ChatSession:
         ids = self.tokenizer.encode(text, add_bos=False, special=True)
         room = self.context - (0 if restart else self.cached) - len(ids)
         if room < 1:
-            raise ValueError(
+            raise UserError(
                 f"The conversation ({self.cached} tokens) and this message ({len(ids)} tokens) "
                 f"outgrow the context window of {self.context} tokens: /reset to start over"
             )
@@ -193,8 +194,10 @@ def run(
     `chat_template` (`openelm`, a file or the template text) wins over the folder's template.
     """
     if max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
+    check_seed(seed)
+    check_utf8(system or "", "--system")
     m, tokenizer = load_for_generation(model, adapter_path)
     source, origin = template_for_chat(model, tokenizer.path.parent, chat_template)
     template = ChatTemplate(source, tokenizer)
@@ -216,6 +219,8 @@ def run(
         file=sys.stderr,
         flush=True,
     )
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad line is refused, not fatal
     while True:
         try:
             message = input(PROMPT)
@@ -238,6 +243,7 @@ def run(
             print(f"Unknown command {command}. {HELP}", file=sys.stderr, flush=True)
             continue
         try:
+            check_utf8(message, "that line")
             chat_turn(session, message)
-        except ValueError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError, read_json, read_text
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 OPENELM = "openelm"  # `--chat-template openelm`: the built-in Instruct template
@@ -39,9 +40,9 @@ def read_template_option(value: str) -> str:
         if path.suffix == ".json":
             template = _from_config(path)
             if template is None:
-                raise ValueError(f"{path} has no chat_template")
+                raise UserError(f"{path} has no chat_template")
             return template
-        return path.read_text()
+        return read_text(path)
     if "{{" in value or "{%" in value:
         return value
     raise FileNotFoundError(
@@ -51,7 +52,8 @@ def read_template_option(value: str) -> str:
 
 
 def _from_config(path: Path) -> str | None:
-    template = json.loads(path.read_text()).get("chat_template")
+    doc = read_json(path)
+    template = doc.get("chat_template") if isinstance(doc, dict) else None
     if isinstance(template, list):  # named templates, as transformers saves several
         template = {t.get("name"): t.get("template") for t in template}.get("default")
     return template or None
@@ -62,7 +64,7 @@ def folder_template(folder: str | Path) -> str | None:
     precedence transformers gives them), else None."""
     folder = Path(folder)
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
+        return read_text(folder / "chat_template.jinja")
     config = folder / "tokenizer_config.json"
     return _from_config(config) if config.is_file() else None
 
@@ -96,7 +98,7 @@ def template_for_chat(model: str, folder: str | Path, option: str | None = None)
         return template, "the model folder"
     if looks_instruct(model) or looks_instruct(folder):
         return CHAT_TEMPLATE, "OpenELM Instruct (by the model's name)"
-    raise ValueError(
+    raise UserError(
         f"{model} has no chat template (a base model): chat needs an Instruct model such as "
         "`mlx-openelm convert apple/OpenELM-270M-Instruct OUT`; use `mlx-openelm generate` to "
         f"continue text with a base model, or pass --chat-template {OPENELM} to chat in the "
@@ -105,7 +107,7 @@ def template_for_chat(model: str, folder: str | Path, option: str | None = None)
 
 
 def _raise(message: str) -> None:
-    raise ValueError(f"chat template: {message}")
+    raise UserError(f"chat template: {message}")
 
 
 class ChatTemplate:
@@ -126,7 +128,7 @@ class ChatTemplate:
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise ValueError(f"The chat template does not compile: {e}") from None
+            raise UserError(f"The chat template does not compile: {e}") from None
         sp = tokenizer.sp
         self.tokens: dict[str, Any] = {
             "bos_token": sp.id_to_piece(tokenizer.bos_id),
@@ -137,9 +139,14 @@ class ChatTemplate:
         self.source = source
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens
-        )
+        try:
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens
+            )
+        except UserError:
+            raise  # the template's own raise_exception(...)
+        except Exception as e:  # the template is the user's code: whatever it raises is theirs
+            raise UserError(f"the chat template fails: {type(e).__name__}: {e}") from None
 
 
 def encode_conversation(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from .errors import MissingDependency, UserError
 
 app = typer.Typer(
     help="Run, convert, fine-tune, pretrain and benchmark Apple's OpenELM models with MLX.",
@@ -15,26 +20,58 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Errors a user can fix: printed as one line, exit code 1, no traceback.
+# Errors a user can fix: printed as one line, exit code 1, no traceback. Anything else (an
+# mlx shape error, a TypeError) is a bug and keeps its traceback.
 USER_ERRORS = (
-    ValueError,
+    UserError,
+    MissingDependency,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
-    ImportError,
+    IsADirectoryError,
+    PermissionError,
     ConnectionError,  # a peer of a distributed run was lost
 )
+DEBUG_ENV = "MLX_OPENELM_DEBUG"
+_debug = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: temporary folders are removed on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _run(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return fn(**kwargs)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _debug or os.environ.get(DEBUG_ENV):
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        raise typer.Exit(code=143 if isinstance(e, Terminated) else 130) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@app.callback()
+def main(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar=DEBUG_ENV, help="Show the traceback of a user error too"),
+    ] = False,
+) -> None:
+    """Run, convert, fine-tune, pretrain and benchmark Apple's OpenELM models with MLX."""
+    global _debug
+    _debug = debug
 
 
 @app.command()

@@ -8,13 +8,15 @@ head counts and FFN widths are derived here, once, with the reference's exact ro
 from __future__ import annotations
 
 import inspect
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import UserError, is_int, read_json
 
 MODEL_TYPE = "openelm"
 
@@ -28,6 +30,56 @@ def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     return new_v
 
 
+# Caps on what cannot be a real OpenELM (the largest has 36 layers, dim 3072): a config past them
+# is refused at once, before a model is built (a million layers took minutes) or MLX's int32
+# shapes overflow.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 20  # model_dim, head_dim, FFN width, divisors
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 24
+MAX_PARAMETERS = 1 << 40
+INT_FIELDS = {
+    "num_transformer_layers": MAX_LAYERS, "model_dim": MAX_DIM, "head_dim": MAX_DIM,
+    "vocab_size": MAX_VOCAB, "max_context_length": MAX_CONTEXT, "num_gqa_groups": MAX_DIM,
+    "ffn_dim_divisor": MAX_DIM, "rope_max_length": MAX_CONTEXT,
+}  # fmt: skip
+BOOL_FIELDS = ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fields(args: Any) -> None:
+    """Types and ranges of every field, so a bad config is one clear error, not a crash later."""
+    for name, cap in INT_FIELDS.items():
+        v = getattr(args, name)
+        if not is_int(v) or v <= 0:
+            raise UserError(f"{name} must be a positive integer, got {v!r:.80}")
+        if v > cap:
+            raise UserError(f"{name} is {v}: more than {cap:,}, no real OpenELM has that; refused")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(args, name), bool):
+            raise UserError(f"{name} must be true or false, got {getattr(args, name)!r:.80}")
+    for name in ("rms_norm_eps", "rope_freq_constant"):
+        if not _is_number(getattr(args, name)) or getattr(args, name) <= 0:
+            raise UserError(f"{name} must be a positive number, got {getattr(args, name)!r:.80}")
+    for name in ("qkv_multipliers", "ffn_multipliers"):
+        v = getattr(args, name)
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if len(values) > MAX_LAYERS or not all(_is_number(m) and 0 < m <= 1e4 for m in values):
+            raise UserError(f"{name} must be positive numbers, got {v!r:.80}")
+    for name in ("num_query_heads", "num_kv_heads"):
+        v = getattr(args, name)
+        ok = v is None or (
+            isinstance(v, (list, tuple))
+            and len(v) <= MAX_LAYERS
+            and all(is_int(n) and 0 < n <= MAX_DIM for n in v)
+        )
+        if not ok:
+            raise UserError(f"{name} must be a list of positive integers, got {v!r:.80}")
+
+
 def _expand(mult: float | Sequence[float], num_layers: int, name: str) -> list[float]:
     """A scalar, a (min, max) range or a per-layer list -> one multiplier per layer."""
     if isinstance(mult, (int, float)):
@@ -38,7 +90,7 @@ def _expand(mult: float | Sequence[float], num_layers: int, name: str) -> list[f
     if len(mult) == 2:
         # np.linspace + round(., 2), as the reference does: the rounding decides some layer sizes.
         return [round(float(m), 2) for m in np.linspace(mult[0], mult[1], num=num_layers)]
-    raise ValueError(
+    raise UserError(
         f"{name} must be a number, a [min, max] pair or one value per layer "
         f"({num_layers}), got {len(mult)} values"
     )
@@ -73,14 +125,12 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         if self.model_type != MODEL_TYPE:
-            raise ValueError(
+            raise UserError(
                 f"model_type is {self.model_type!r}, not {MODEL_TYPE!r}: "
                 "this is not an OpenELM config"
             )
+        _check_fields(self)
         L = self.num_transformer_layers
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_query_heads is None or self.num_kv_heads is None:
             qkv = _expand(self.qkv_multipliers, L, "qkv_multipliers")
             q_div = self.head_dim * self.num_gqa_groups
@@ -95,10 +145,17 @@ class ModelArgs:
             self.qkv_multipliers = [float(m) for m in self.qkv_multipliers]
         for name in ("num_query_heads", "num_kv_heads"):
             if len(getattr(self, name)) != L:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {L} layers")
+                raise UserError(f"{name} has {len(getattr(self, name))} entries for {L} layers")
         for i, (nq, nkv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
-            if nkv <= 0 or nq % nkv:
-                raise ValueError(f"layer {i}: {nq} query heads can't share {nkv} kv heads")
+            if nq <= 0 or nkv <= 0 or nq % nkv:
+                raise UserError(f"layer {i}: {nq} query heads can't share {nkv} kv heads")
+        widths = [self.model_dim, *self.ffn_dims, max(self.num_query_heads) * self.head_dim]
+        if max(widths) > MAX_DIM or self.num_parameters() > MAX_PARAMETERS:
+            raise UserError(
+                f"this config builds {self.num_parameters():,} parameters, widths up to "
+                f"{max(widths):,}: past what any OpenELM has ({MAX_DIM:,} wide, "
+                f"{MAX_PARAMETERS:,} parameters); refused"
+            )
 
     @property
     def ffn_dims(self) -> list[int]:
@@ -129,12 +186,12 @@ class ModelArgs:
             k for k in ("num_transformer_layers", "model_dim", "head_dim") if k not in params
         ]
         if params.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise ValueError(
+            raise UserError(
                 f"model_type is {params.get('model_type')!r}, not {MODEL_TYPE!r}: "
                 "this is not an OpenELM config"
             )
         if missing:
-            raise ValueError(f"OpenELM config is missing {', '.join(missing)}")
+            raise UserError(f"OpenELM config is missing {', '.join(missing)}")
         return cls(**{k: v for k, v in params.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,12 +216,15 @@ class ModelArgs:
     def from_file(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         try:
-            params = json.loads(path.read_text())
+            params = read_json(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"No config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(params)
+        if not isinstance(params, dict):
+            raise UserError(f"{path} is not a JSON object")
+        try:
+            return cls.from_dict(params)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
 
 
 # The four released sizes (Apple's Hugging Face configs); every other field is the default above.
@@ -180,5 +240,5 @@ def preset(name: str, **overrides: Any) -> ModelArgs:
     """A released size by name ("270M", "OpenELM-450M", "apple/OpenELM-3B-Instruct" all work)."""
     key = name.split("/")[-1].removeprefix("OpenELM-").removesuffix("-Instruct")
     if key not in PRESETS:
-        raise ValueError(f"Unknown OpenELM preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"Unknown OpenELM preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelArgs(**{**PRESETS[key], **overrides})

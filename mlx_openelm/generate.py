@@ -19,6 +19,7 @@ from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .errors import UserError, check_seed, check_utf8
 from .tokenizer import Tokenizer, require_tokenizer
 
 Sampler = Callable[[mx.array], mx.array]
@@ -76,7 +77,7 @@ def generate_step(
     """
     prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
     if prompt.size == 0:
-        raise ValueError("The prompt is empty: give at least one token")
+        raise UserError("The prompt is empty: give at least one token")
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     tokens = None  # what the logits processors see: the prompt and the tokens so far
@@ -158,14 +159,14 @@ def stream_generate(
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids or (isinstance(prompt, str) and not prompt):
-        raise ValueError("The prompt is empty: give some text to continue")
+        raise UserError("The prompt is empty: give some text to continue")
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
     cache = kwargs.get("prompt_cache")
     cached = cache[0].offset if cache else 0
     context = model.args.max_context_length
     if cached + len(ids) + max_tokens > context:
-        raise ValueError(
+        raise UserError(
             f"{cached + len(ids)} prompt tokens + {max_tokens} new tokens exceed the model's "
             f"context window of {context} tokens: shorten the prompt or lower --max-tokens"
         )
@@ -279,7 +280,7 @@ def make_sampling(
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UserError(message)
     if vocab_size is not None and top_k >= vocab_size:
         top_k = 0  # keeping every token is no filter (and mlx-lm's top-k rejects it)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -333,7 +334,7 @@ def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.
     for note in cpu_speed_notes(model, path):
         print(f"note: {note}", file=sys.stderr)
     if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{path}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only "
             f"{args.vocab_size} embeddings: is it the right tokenizer?"
         )
@@ -364,11 +365,15 @@ def run(
     is printed.
     """
     if not prompt:
-        raise ValueError("The prompt is empty: pass some text with --prompt")
+        raise UserError("The prompt is empty: pass some text with --prompt")
+    check_utf8(prompt, "--prompt")
+    for text, what in [(system or "", "--system"), *((s, "--stop") for s in stop)]:
+        check_utf8(text, what)
+    check_seed(seed)
     if max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not chat and (system is not None or chat_template is not None):
-        raise ValueError("--system and --chat-template format a chat: add --chat")
+        raise UserError("--system and --chat-template format a chat: add --chat")
     make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
     m, tokenizer = load_for_generation(model, adapter_path)
     ids: str | list[int] = prompt

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelArgs
+from .errors import MissingDependency, UserError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # Ids past the control pieces map to one character each in the placeholder vocabulary (below).
@@ -28,7 +29,7 @@ def require_gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             "GGUF export needs the gguf package: pip install 'mlx-openelm[export]'"
         ) from None
     return gguf
@@ -37,16 +38,16 @@ def require_gguf() -> Any:
 def check_representable(args: ModelArgs) -> None:
     """Refuse a model that llama.cpp's `openelm` graph would load and then compute wrongly."""
     if not args.share_input_output_layers:
-        raise ValueError(
+        raise UserError(
             "share_input_output_layers is false (an untied lm_head): llama.cpp's openelm "
             "architecture always uses token_embeddings as the output layer"
         )
     if not args.normalize_qk_projections:
-        raise ValueError(
+        raise UserError(
             "normalize_qk_projections is false: llama.cpp's openelm architecture needs q/k norms"
         )
     if not args.ffn_with_glu:
-        raise ValueError("ffn_with_glu is false: llama.cpp's openelm architecture needs a GLU FFN")
+        raise UserError("ffn_with_glu is false: llama.cpp's openelm architecture needs a GLU FFN")
 
 
 # ---- tensors -------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def sentencepiece_vocab(
     sp = spm.SentencePieceProcessor()
     sp.Load(str(tokenizer_file))
     if sp.vocab_size() > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{tokenizer_file} has {sp.vocab_size()} pieces but the model only {vocab_size} "
             "embedding rows: is it the model's own tokenizer?"
         )
@@ -209,7 +210,7 @@ def write_gguf(
     """
     gguf = require_gguf()
     if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+        raise UserError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     check_representable(args)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -217,7 +218,7 @@ def write_gguf(
     plan = tensor_plan(args)
     missing = sorted({key for _, key, _ in plan} - set(weights))
     if missing:
-        raise ValueError(f"the weights lack {missing[0]} ({len(missing)} tensors missing)")
+        raise UserError(f"the weights lack {missing[0]} ({len(missing)} tensors missing)")
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.OPENELM])
     _add_metadata(writer, args, gguf_type, name or out.stem)

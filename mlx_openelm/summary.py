@@ -10,13 +10,14 @@ from rich.table import Table
 from . import hub
 from .config import ModelArgs
 from .config import preset as preset_args
+from .errors import UserError
 
 
 def resolve_args(model: str | None, preset: str | None, config: Path | None) -> ModelArgs:
     """Exactly one of a model folder (or Hub id), a preset name or a config.json."""
     given = [x for x in (model, preset, config) if x is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one of --model, --preset or --config")
+        raise UserError("give exactly one of --model, --preset or --config")
     if preset is not None:
         return preset_args(preset)
     path = (

@@ -16,6 +16,8 @@ from pathlib import Path
 import sentencepiece as spm
 from mlx_lm.tokenizer_utils import StreamingDetokenizer
 
+from .errors import UserError
+
 TOKENIZER_FILE = "tokenizer.model"
 
 # The OpenELM Instruct format (Zephyr's, from alignment-handbook) as a Hugging Face chat template,
@@ -40,7 +42,7 @@ class Tokenizer:
         try:
             self.sp.Load(str(path))
         except (OSError, RuntimeError):
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a SentencePiece model: use Llama-2's tokenizer.model"
             ) from None
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hub
+from .errors import UserError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 # Ungated Hub repos that hold Llama-2's tokenizer.model (LLaMA-1 and Llama-2 share it). Chosen
@@ -79,7 +80,7 @@ def check_tokenizer(path: str | Path, spec: TokenizerSpec | None = None) -> Toke
         if (got := tok.encode(text, add_bos=False)) != want:
             problems.append(f"{text!r} encodes to {got}, not {want}")
     if problems:
-        raise ValueError(f"{path} is not {spec.name}'s tokenizer: {'; '.join(problems)}")
+        raise UserError(f"{path} is not {spec.name}'s tokenizer: {'; '.join(problems)}")
     return tok
 
 
@@ -112,7 +113,7 @@ def explicit_tokenizer(tokenizer: str | Path) -> tuple[Path, str]:
     try:
         return _fetch_checked(str(tokenizer)), f"Hub repo {tokenizer} (--tokenizer)"
     except ValueError as e:
-        raise ValueError(
+        raise UserError(
             f"--tokenizer {tokenizer}: {e}; pass a local file to skip this check"
         ) from None
 

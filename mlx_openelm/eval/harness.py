@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingDependency, UserError
 from ..tasks import LOCAL_TASKS, TASKS_DIR
 from .report import describe_model
 from .scoring import ScoreStats
@@ -23,7 +24,7 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ImportError(INSTALL_HINT) from None
+        raise MissingDependency(INSTALL_HINT) from None
 
 
 def task_manager(tasks: Sequence[str]):
@@ -35,7 +36,7 @@ def task_manager(tasks: Sequence[str]):
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not local)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"Unknown task(s): {', '.join(unknown)}. Offline: {', '.join(LOCAL_TASKS)}; "
             "lm-eval's own tasks (arc_easy, arc_challenge, boolq, hellaswag, piqa, sciq, "
             "winogrande, ...) download their data from the Hub; `lm-eval ls tasks` lists them"
@@ -81,13 +82,13 @@ def evaluate(
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     tasks = [t for t in tasks if t]
     if not tasks:
-        raise ValueError("Name at least one task, e.g. --tasks hellaswag_local")
+        raise UserError("Name at least one task, e.g. --tasks hellaswag_local")
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise UserError(f"--limit must be at least 1, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+        raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     require_lm_eval()
     import lm_eval
     from lm_eval.utils import make_table

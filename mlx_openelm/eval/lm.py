@@ -14,6 +14,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..tokenizer import Tokenizer, require_tokenizer
 from .scoring import ScoreStats, score, score_rolling
 
@@ -50,7 +51,7 @@ class MLXOpenELM(TemplateLM):
         path = model or pretrained
         if loaded is None:
             if path is None:
-                raise ValueError("Name the model folder: --model_args model=PATH")
+                raise UserError("Name the model folder: --model_args model=PATH")
             from ..loading import load
 
             loaded_model, tokenizer, _ = load(path, adapter_path=adapter_path)
@@ -135,7 +136,7 @@ class MLXOpenELM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             if max_gen >= self.max_length:
-                raise ValueError(
+                raise UserError(
                     f"max_gen_toks {max_gen} leaves no room in {self.max_length} tokens"
                 )
             temp = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .report import describe_model
 from .scoring import ScoreStats, score_rolling
 
@@ -34,7 +35,7 @@ def read_documents(data: str | Path) -> list[tuple[str, str]]:
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{f} is not UTF-8 text") from None
+            raise UserError(f"{f} is not UTF-8 text") from None
         if f.suffix != ".jsonl":
             docs.append((str(f), text))
             continue
@@ -42,12 +43,15 @@ def read_documents(data: str | Path) -> list[tuple[str, str]]:
             if not line.strip():
                 continue
             try:
-                docs.append((f"{f}:{n}", json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f'{f}:{n}: expected a JSON object with a "text" field') from None
-    docs = [(name, text) for name, text in docs if text]
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+                docs.append((f"{f}:{n}", text))
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
+                raise UserError(f'{f}:{n}: expected a JSON object with a "text" field') from None
+    docs = [(name, text) for name, text in docs if text.strip()]  # whitespace scores no token
     if not docs:
-        raise ValueError(f"No text found in {data} (looked for {', '.join(TEXT_SUFFIXES)} files)")
+        raise UserError(f"No text found in {data} (looked for {', '.join(TEXT_SUFFIXES)} files)")
     return docs
 
 
@@ -82,11 +86,11 @@ def perplexity(
         byte, counts, per-document figures, the model (folder, adapter, dtype, bits), speed.
     """
     if context is not None and context < 1:
-        raise ValueError(f"--context must be at least 1, got {context}")
+        raise UserError(f"--context must be at least 1, got {context}")
     if stride is not None and not 1 <= stride <= (context or stride):
-        raise ValueError(f"--stride must be between 1 and the context, got {stride}")
+        raise UserError(f"--stride must be between 1 and the context, got {stride}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     docs = read_documents(data)
     if loaded is None:
         from ..loading import load
@@ -98,7 +102,7 @@ def perplexity(
         m, tokenizer = loaded
     context = context or m.args.max_context_length
     if stride is not None and stride > context:
-        raise ValueError(f"--stride {stride} is larger than the context {context}")
+        raise UserError(f"--stride {stride} is larger than the context {context}")
     ids = [tokenizer.encode(text, add_bos=False) for _, text in docs]
     stats = ScoreStats()
     totals = score_rolling(
@@ -106,6 +110,8 @@ def perplexity(
         batch_size=batch_size, stats=stats, progress=verbose,
     )  # fmt: skip
     tokens = sum(len(t) for t in ids)
+    if tokens == 0:
+        raise UserError(f"{data} has no text to score (only whitespace)")
     nbytes = sum(len(text.encode("utf-8")) for _, text in docs)
     nll = -sum(totals)
     report = {

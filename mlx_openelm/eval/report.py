@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..errors import read_json
 
 
 def _version(dist: str) -> str | None:
@@ -42,7 +43,7 @@ def describe_model(model: nn.Module, path: str | None, adapter_path: str | None)
         config = Path(adapter_path) / "adapter_config.json"
         adapter = {"path": str(adapter_path)}
         if config.is_file():
-            adapter["config"] = json.loads(config.read_text())
+            adapter["config"] = read_json(config)
     args = model.args
     return {
         "model": path,

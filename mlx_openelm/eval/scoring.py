@@ -18,6 +18,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from ..errors import UserError
+
 Tokens = Sequence[int]
 
 
@@ -122,7 +124,7 @@ def score(
         (sum of log-probabilities, whether greedy decoding gives the continuation), in order.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model.args.max_context_length
     out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     groups: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
@@ -131,12 +133,12 @@ def score(
         if not cont:
             continue  # an empty continuation has probability 1
         if len(cont) > max_length:
-            raise ValueError(
+            raise UserError(
                 f"A continuation of {len(cont)} tokens does not fit a window of {max_length} "
                 "tokens: raise max_length (up to the model's context) or shorten the text"
             )
         if not ctx:
-            raise ValueError("Every context needs at least one token: prepend BOS")
+            raise UserError("Every context needs at least one token: prepend BOS")
         if len(ctx) + len(cont) - 1 > max_length:
             ctx = (ctx + cont)[-(max_length + 1) : -len(cont)]
         groups.setdefault(ctx, []).append((i, cont))
@@ -193,7 +195,7 @@ def rolling_windows(
     """
     stride = stride or context
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be between 1 and the context ({context}), got {stride}")
+        raise UserError(f"stride must be between 1 and the context ({context}), got {stride}")
     tokens = list(tokens)
     if not tokens:
         return []
@@ -231,7 +233,7 @@ def score_rolling(
     """
     context = context or model.args.max_context_length
     if context > model.args.max_context_length:
-        raise ValueError(
+        raise UserError(
             f"context {context} exceeds the model's window of {model.args.max_context_length}"
         )
     windows, owner = [], []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..loading import atomic_folder
+from ..convert.readers import read_safetensors
+from ..errors import UserError, read_json
+from ..loading import atomic_folder, remove_stale_temporaries
 
 CHECKPOINTS = "checkpoints"
 # Arguments a resumed run must share with the run it continues (they fix data order and schedule).
@@ -72,6 +75,8 @@ def save_checkpoint(
     """Trainable weights + optimizer state + step, as one atomically renamed folder."""
     weights = dict(tree_flatten(model.trainable_parameters()))
     folder = out_dir / CHECKPOINTS / f"step_{meta['step']:07d}"
+    if folder.parent.is_dir():
+        remove_stale_temporaries(folder.parent)  # of a save that was killed (SIGKILL)
     with atomic_folder(folder, overwrite=True) as tmp:
         mx.save_safetensors(str(tmp / weights_file), weights)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
@@ -83,22 +88,52 @@ def save_checkpoint(
     return folder
 
 
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    read_safetensors(path)  # checks the header against the file size: a truncated save
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{path} is broken ({e})") from None
+
+
 def load_checkpoint(
     folder: Path, weights_file: str, model: nn.Module, optimizer: optim.Optimizer
 ) -> dict[str, Any]:
     """Restore the weights and optimizer state saved by `save_checkpoint`."""
-    weights = mx.load(str(folder / weights_file))
+    meta = read_json(folder / "state.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UserError(f"{folder / 'state.json'} is not a checkpoint's state")
+    weights = _load_safetensors(folder / weights_file)
+    opt_state = _load_safetensors(folder / "optimizer.safetensors")
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if set(weights) != expected:
-        raise ValueError(
+        raise UserError(
             f"{folder / weights_file} does not match the model's trainable parameters "
             f"({len(set(weights) ^ expected)} names differ): resume with the same model and options"
         )
     model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
     optimizer.init(model.trainable_parameters())
     mx.eval(model.state, optimizer.state)
-    return json.loads((folder / "state.json").read_text())
+    return meta
+
+
+def resume_checkpoint(
+    out_dir: Path, weights_file: str, model: nn.Module, optimizer: optim.Optimizer
+) -> dict[str, Any]:
+    """Load the newest checkpoint that reads whole; a broken one (a save killed mid-write, a
+    full disk) is reported and the one before it used. With none left, the error names the file."""
+    folders = sorted(Path(out_dir, CHECKPOINTS).glob("step_*"), reverse=True)
+    errors = []
+    for folder in (f for f in folders if (f / "state.json").is_file()):
+        try:
+            meta = load_checkpoint(folder, weights_file, model, optimizer)
+        except UserError as e:
+            errors.append(str(e))
+            print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr, flush=True)
+            continue
+        return meta
+    raise UserError(f"no checkpoint in {out_dir} can be resumed: {'; '.join(errors)}")
 
 
 def check_resume_args(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -109,6 +144,6 @@ def check_resume_args(saved: dict[str, Any], now: dict[str, Any]) -> None:
         if k in saved and list(np.atleast_1d(saved[k])) != list(np.atleast_1d(now[k]))
     ]
     if diff:
-        raise ValueError(
+        raise UserError(
             "--resume needs the options of the run it continues; changed: " + ", ".join(diff)
         )

@@ -12,12 +12,13 @@ data-parallel run see exactly the examples an uninterrupted single process would
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from ..errors import UserError, parse_json_line, read_text
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
@@ -76,24 +77,20 @@ def _check_record(obj: Any) -> str | None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a jsonl file; the first bad line raises ValueError naming file:line."""
+    """Read and validate a jsonl file; the first bad line raises UserError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not records
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if problem := _check_record(obj):
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            records.append(obj)
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are not records
+        obj = parse_json_line(line, f"{path}:{lineno}")
+        if problem := _check_record(obj):
+            raise UserError(f"{path}:{lineno}: {problem}")
+        records.append(obj)
     if not records:
-        raise ValueError(f"{path} has no records: add one JSON object per line")
+        raise UserError(f"{path} has no records: add one JSON object per line")
     return records
 
 
@@ -277,7 +274,7 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's contiguous slice of a global batch (the batch size must divide evenly)."""
     if len(indices) % world_size:
-        raise ValueError(
+        raise UserError(
             f"batch size {len(indices)} is not divisible by the {world_size} processes: "
             "choose a batch size that is a multiple of the world size"
         )

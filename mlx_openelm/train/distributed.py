@@ -27,6 +27,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import UserError
+
 TIMEOUT_ENV = "MLX_OPENELM_DIST_TIMEOUT"
 # Must cover the slowest step, validation or checkpoint save (peers wait while rank 0 saves).
 DEFAULT_TIMEOUT = 300.0
@@ -41,7 +43,7 @@ def collective_timeout() -> float:
     except ValueError:
         timeout = -1.0
     if timeout < 0:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r}: give seconds (e.g. 300), or 0 to wait forever")
+        raise UserError(f"{TIMEOUT_ENV}={value!r}: give seconds (e.g. 300), or 0 to wait forever")
     return timeout
 
 
@@ -147,7 +149,7 @@ def _json_from_rank0(obj: Any, group: mx.distributed.Group) -> Any:
     return json.loads(bytes(np.array(_from_rank0(buf, group))))
 
 
-_CHECK_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, FileExistsError)}
+_CHECK_ERRORS = {e.__name__: e for e in (UserError, FileNotFoundError, FileExistsError)}
 
 
 def check_on_rank0(check: Callable[[], None], group: mx.distributed.Group | None = None) -> None:
@@ -189,7 +191,7 @@ def sync_from_rank0(
     digests = mx.distributed.all_gather(mx.array([digest], mx.uint32), group=group).tolist()
     others = [r for r, d in enumerate(digests) if d != digests[0]]
     if others:
-        raise ValueError(
+        raise UserError(
             f"rank(s) {others} run with other options, data or model than rank 0: start every "
             "process with the same command, and the same files at the same paths on every machine"
         )

@@ -18,6 +18,7 @@ from mlx_lm.utils import dequantize_model
 from .. import hub
 from ..chat_template import folder_template
 from ..config import ModelArgs
+from ..errors import UserError, read_json
 from ..loading import atomic_folder, load
 from ..tokenizer import write_tokenizer_files
 
@@ -46,7 +47,7 @@ def export_hf(
         overwrite: replace an existing `out` once the new folder is complete.
     """
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose float32, float16 or bfloat16")
+        raise UserError(f"dtype {dtype!r}: choose float32, float16 or bfloat16")
     model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     target = DTYPES[dtype] if dtype else weights["transformer.token_embeddings.weight"].dtype
@@ -89,13 +90,13 @@ def export(
     from .lora import fuse_adapters  # lora.py imports this module
 
     if gguf_path is None and hf_path is None:
-        raise ValueError("nothing to write: give --gguf FILE and/or --hf FOLDER")
+        raise UserError("nothing to write: give --gguf FILE and/or --hf FOLDER")
     if gguf_path is not None:
         require_gguf()
         if gguf_type not in GGUF_TYPES:
-            raise ValueError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+            raise UserError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     if hf_dtype is not None and hf_dtype not in DTYPES:
-        raise ValueError(f"--hf-dtype {hf_dtype!r}: choose float32, float16 or bfloat16")
+        raise UserError(f"--hf-dtype {hf_dtype!r}: choose float32, float16 or bfloat16")
     for path in (gguf_path, hf_path):
         if path is not None and not overwrite and Path(path).exists():
             if Path(path).is_file() or any(Path(path).iterdir()):
@@ -110,7 +111,7 @@ def export(
                 f"{folder} has no tokenizer.model, and a GGUF file must hold the vocabulary: "
                 "copy the model's SentencePiece tokenizer.model into the folder"
             )
-    quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+    quantization = read_json(folder / "config.json").get("quantization")
     if quantization:
         bits = quantization.get("bits")
         note = f"note: {folder} holds {bits}-bit MLX weights: they are dequantised first"

@@ -23,6 +23,7 @@ from mlx_lm.utils import dequantize_model
 
 from .. import hub
 from ..chat_template import folder_template
+from ..errors import UserError, read_json
 from ..loading import atomic_folder, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
@@ -103,14 +104,14 @@ def adapter_config(
     mlx-lm scales the low-rank update by `scale` directly; LoRA papers use alpha / rank.
     """
     if num_layers < 1:
-        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        raise UserError(f"num_layers must be at least 1, got {num_layers}")
     if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise ValueError(
+        raise UserError(
             f"need rank >= 1, alpha > 0 and 0 <= dropout < 1; got {rank}, {alpha}, {dropout}"
         )
     unknown = [t for t in targets if t not in TARGET_KEYS]
     if unknown or not targets:
-        raise ValueError(
+        raise UserError(
             f"unknown LoRA targets {unknown or '(none)'}: choose from {', '.join(TARGET_KEYS)}"
         )
     return {
@@ -136,7 +137,7 @@ def apply_lora(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     if keys is not None:
         keys = list(keys)
         if "lm_head" in keys and "lm_head" not in model:
-            raise ValueError("lm_head is not a target here: this model ties it to token_embeddings")
+            raise UserError("lm_head is not a target here: this model ties it to token_embeddings")
         emb, emb_key = model.transformer.token_embeddings, TARGET_KEYS["token_embeddings"]
         if dora and isinstance(emb, nn.QuantizedEmbedding) and emb_key in keys:
             keys.remove(emb_key)
@@ -153,16 +154,16 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     for name in (ADAPTER_CONFIG, ADAPTERS):
         if not (adapter_path / name).is_file():
             raise FileNotFoundError(f"{adapter_path} has no {name}: is it an adapter folder?")
-    config = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+    config = read_json(adapter_path / ADAPTER_CONFIG)
     if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
-        raise ValueError(f"{adapter_path}: only LoRA and DoRA adapters are supported")
+        raise UserError(f"{adapter_path}: only LoRA and DoRA adapters are supported")
     apply_lora(model, config)
     weights = mx.load(str(adapter_path / ADAPTERS))
     expected = dict(tree_flatten(model.trainable_parameters()))
     bad = [k for k, w in weights.items() if k not in expected or w.shape != expected[k].shape]
     missing = [k for k in expected if k not in weights]
     if bad or missing:
-        raise ValueError(
+        raise UserError(
             f"{adapter_path / ADAPTERS} does not fit this model: "
             f"{len(bad)} unexpected or misshapen tensors (e.g. {(bad + missing)[0]}), "
             f"{len(missing)} missing; was it trained on another base model?"
@@ -223,7 +224,7 @@ def lora(
     try:
         args = TrainingArgs(**training)
     except TypeError as e:
-        raise ValueError(f"unknown training option: {e}") from None
+        raise UserError(f"unknown training option: {e}") from None
     adapter_path = Path(adapter_path)
 
     def check_folder() -> None:
@@ -243,7 +244,7 @@ def lora(
     train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length)
     val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length)
     if not train_set:
-        raise ValueError(f"{data}/train.jsonl has no example with a target left to learn")
+        raise UserError(f"{data}/train.jsonl has no example with a target left to learn")
     if epochs is not None:
         per_step = args.batch_size * args.grad_accumulation_steps
         args = replace(args, iters=max(1, math.ceil(epochs * len(train_set) / per_step)))
@@ -251,7 +252,7 @@ def lora(
 
     n_layers = len(base.layers) if num_layers is None else num_layers
     if n_layers > len(base.layers):
-        raise ValueError(f"num_layers {n_layers}: the model has only {len(base.layers)} blocks")
+        raise UserError(f"num_layers {n_layers}: the model has only {len(base.layers)} blocks")
     config = adapter_config(
         n_layers, dora=dora, rank=rank, alpha=alpha, dropout=dropout, targets=targets
     )
@@ -259,9 +260,9 @@ def lora(
     def check_options() -> None:
         if not (resume and (adapter_path / ADAPTER_CONFIG).is_file()):
             return
-        saved = json.loads((adapter_path / ADAPTER_CONFIG).read_text())
+        saved = read_json(adapter_path / ADAPTER_CONFIG)
         if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
-            raise ValueError(
+            raise UserError(
                 f"{adapter_path} was trained with other LoRA options "
                 f"({saved.get('fine_tune_type')}, rank {saved['lora_parameters']['rank']}, "
                 f"targets {saved.get('targets')}): resume with the same ones"
@@ -321,7 +322,7 @@ def fuse(
     base, _, model_args = load(folder, adapter_path=adapter_path)
     quantization = None
     if not dequantize:
-        quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+        quantization = read_json(folder / "config.json").get("quantization")
     fused = fuse_adapters(base, dequantize=dequantize)
     tokenizer_file = folder / "tokenizer.model"
     with atomic_folder(out) as tmp:

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import PRESETS, ModelArgs
 from ..config import preset as preset_args
+from ..errors import UserError, check_seed, read_json
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, check_run_folder
@@ -55,9 +56,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set model_dim=256")
+            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set model_dim=256")
         if key not in known:
-            raise ValueError(
+            raise UserError(
                 f"--set {key}: not an OpenELM config field; choose from {', '.join(sorted(known))}"
             )
         try:
@@ -79,11 +80,11 @@ def build_config(
     layer-wise scaling is derived again.
     """
     if (config is None) == (preset is None):
-        raise ValueError("give exactly one of --config CONFIG.json or --preset NAME")
+        raise UserError("give exactly one of --config CONFIG.json or --preset NAME")
     overrides = dict(overrides or {})
     if config is not None:
         ModelArgs.from_file(config)  # a clear error for a missing or broken file
-        params = json.loads(Path(config).read_text())
+        params = read_json(Path(config))
         if overrides and not {"num_query_heads", "num_kv_heads"} & set(overrides):
             params.pop("num_query_heads", None)
             params.pop("num_kv_heads", None)
@@ -97,11 +98,12 @@ def build_config(
     try:
         return ModelArgs.from_dict(params)
     except TypeError as e:
-        raise ValueError(f"bad OpenELM config: {e}") from None
+        raise UserError(f"bad OpenELM config: {e}") from None
 
 
 def init_weights(model: Model, args: ModelArgs, seed: int = 0) -> None:
     """CoreNet's OpenELM init: N(0, fan_in^-1/2) linears, output projections scaled by (2L)^-1/2."""
+    check_seed(seed)
     mx.random.seed(seed)
     out_scale = (2 * args.num_transformer_layers) ** -0.5
     new = {}
@@ -125,7 +127,7 @@ def average_checkpoints(out_dir: str | Path, k: int, weights_file: str = WEIGHTS
         f for f in sorted(Path(out_dir, CHECKPOINTS).glob("step_*")) if (f / "state.json").is_file()
     ]
     if len(folders) < k:
-        raise ValueError(f"{out_dir} has {len(folders)} checkpoints, fewer than the {k} to average")
+        raise UserError(f"{out_dir} has {len(folders)} checkpoints, fewer than the {k} to average")
     total = None
     for f in folders[-k:]:
         w = mx.load(str(f / weights_file))
@@ -166,7 +168,7 @@ def _tokenizer_for(
     if resume and path.is_file():
         return path
     if mx.distributed.init().size() > 1:
-        raise ValueError(
+        raise UserError(
             "a multi-process run needs a tokenizer made beforehand: run `mlx-openelm "
             "train-tokenizer` once and pass --tokenizer"
         )
@@ -238,7 +240,7 @@ def pretrain(
     try:
         args = TrainingArgs(**opts)
     except TypeError as e:
-        raise ValueError(f"unknown training option: {e}") from None
+        raise UserError(f"unknown training option: {e}") from None
 
     # Everything a user can get wrong is checked before the model is built or a file written.
     docs = read_documents(data, doc_separator)
@@ -248,7 +250,7 @@ def pretrain(
     tok = Tokenizer(tok_path)
     model_args = build_config(config, preset, overrides, vocab_size=tok.vocab_size)
     if model_args.vocab_size < tok.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
             "raise it or drop it from the config"
         )
@@ -258,13 +260,13 @@ def pretrain(
     val_tokens, _ = encode_documents(val_docs, tok, min_doc_chars, min_doc_tokens)
     train_set, val_set = pack(train_tokens, seq_length), pack(val_tokens, seq_length)
     if not train_set:
-        raise ValueError(
+        raise UserError(
             f"{data} gives {len(train_tokens)} training tokens after filtering ({stats['dropped']} "
             f"documents dropped), fewer than one sequence of {seq_length + 1}: add text or lower "
             "--seq-length / the minimum document length"
         )
     if val_docs and not val_set:
-        raise ValueError(
+        raise UserError(
             f"the validation documents give {len(val_tokens)} tokens, fewer than one sequence of "
             f"{seq_length + 1}: raise --val-fraction or lower --seq-length"
         )
@@ -304,7 +306,7 @@ def pretrain(
         progress=progress,
     )
     seconds = time.perf_counter() - tic
-    previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else {}
+    previous = read_json(out / SUMMARY) if (out / SUMMARY).is_file() else {}
     trained_now = not math.isnan(result["train_loss"])  # NaN: the run had already finished
     summary: dict[str, Any] = {
         "parameters": model_args.num_parameters(),

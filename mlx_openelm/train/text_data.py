@@ -12,12 +12,12 @@ validation split is a seeded choice of whole documents, so no validation text is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError, parse_json_line
 from .data import Example, TokenizerLike, _special_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -30,7 +30,7 @@ def _files(path: Path) -> list[Path]:
         raise FileNotFoundError(f"data path {path} not found")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise ValueError(
+        raise UserError(
             f"{path} holds no .txt or .jsonl file: put plain-text documents (one per .txt file) "
             'or jsonl ({"text": ...} per line) there'
         )
@@ -40,11 +40,11 @@ def _files(path: Path) -> list[Path]:
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if b"\0" in raw[:65536]:
-        raise ValueError(f"{path} looks binary (it has NUL bytes): give plain UTF-8 text")
+        raise UserError(f"{path} looks binary (it has NUL bytes): give plain UTF-8 text")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise UserError(
             f"{path} is not UTF-8 text (byte {e.start}): convert it, e.g. with iconv"
         ) from None
 
@@ -63,19 +63,16 @@ def read_documents(path: str | Path, doc_separator: str | None = None) -> list[s
             for lineno, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
+                obj = parse_json_line(line, f"{file}:{lineno}")
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f'{file}:{lineno}: expected {{"text": "..."}} for pretraining')
+                    raise UserError(f'{file}:{lineno}: expected {{"text": "..."}} for pretraining')
                 docs.append(obj["text"])
         else:
             parts = text.split(doc_separator) if doc_separator else [text]
             docs += [p.strip() for p in parts]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise ValueError(f"{path} holds no text: every document is empty")
+        raise UserError(f"{path} holds no text: every document is empty")
     return docs
 
 
@@ -84,12 +81,12 @@ def split_documents(
 ) -> tuple[list[str], list[str]]:
     """(train, validation): a seeded choice of whole documents (at least one when validating)."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return list(docs), []
     n_val = max(1, round(len(docs) * val_fraction))
     if n_val >= len(docs):
-        raise ValueError(
+        raise UserError(
             f"{len(docs)} document(s) can't give both a training and a validation split: "
             "add documents, split them with a separator, or set val_fraction 0"
         )
@@ -131,7 +128,7 @@ def encode_documents(
 def pack(tokens: np.ndarray, seq_length: int) -> list[Example]:
     """Chunks of `seq_length + 1` tokens overlapping by one; a shorter tail is dropped."""
     if seq_length < 1:
-        raise ValueError(f"seq_length must be at least 1, got {seq_length}")
+        raise UserError(f"seq_length must be at least 1, got {seq_length}")
     n = (len(tokens) - 1) // seq_length
     ones = np.ones(seq_length + 1, dtype=bool)
     return [(tokens[i * seq_length : (i + 1) * seq_length + 1], ones) for i in range(n)]

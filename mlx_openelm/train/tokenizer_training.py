@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .text_data import iter_lines, read_documents
 
@@ -41,11 +42,9 @@ def train_tokenizer(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists: delete it or choose another path")
     if vocab_size < 300:
-        raise ValueError(
-            f"vocab_size {vocab_size}: use at least 300 (256 byte pieces + 3 specials)"
-        )
+        raise UserError(f"vocab_size {vocab_size}: use at least 300 (256 byte pieces + 3 specials)")
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type {model_type!r}: choose bpe or unigram")
+        raise UserError(f"model_type {model_type!r}: choose bpe or unigram")
     docs = read_documents(data, doc_separator)
     buffer = io.BytesIO()
     try:
@@ -72,7 +71,7 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece could not train on {data}: {e}") from None
+        raise UserError(f"SentencePiece could not train on {data}: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(buffer.getvalue())

@@ -24,11 +24,11 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from .. import kernels
+from ..errors import UserError, check_seed
 from .checkpoint import (
     check_resume_args,
     check_run_folder,
-    latest_checkpoint,
-    load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from .data import Example, batch_indices, collate, eval_batches, num_input_tokens, shard
@@ -64,17 +64,18 @@ class TrainingArgs:
         self.adam_betas = tuple(self.adam_betas)
         for name in ("batch_size", "iters", "grad_accumulation_steps", "max_seq_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps < self.iters:
-            raise ValueError(
+            raise UserError(
                 f"warmup_steps ({self.warmup_steps}) must be below iters ({self.iters}): "
                 "lower the warm-up or train longer"
             )
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("learning_rate must be positive and min_lr_ratio in [0, 1]")
+            raise UserError("learning_rate must be positive and min_lr_ratio in [0, 1]")
+        check_seed(self.seed)
         for name in ("steps_per_report", "steps_per_save", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def masked_loss(
@@ -222,12 +223,12 @@ def train(
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
     if args.batch_size % world:
-        raise ValueError(
+        raise UserError(
             f"batch size {args.batch_size} is not divisible by the {world} processes: "
             "choose a multiple of the world size"
         )
     if len(train_set) == 0:
-        raise ValueError("the training set is empty")
+        raise UserError("the training set is empty")
     writer = rank == 0  # the only rank that reads or writes out_dir (other machines may lack it)
     check_on_rank0(lambda: check_run_folder(out_dir, resume), group)
     if writer:
@@ -238,7 +239,7 @@ def train(
     optimizer.init(model.trainable_parameters())
     meta: dict[str, Any] = {"step": 0, "trained_tokens": 0}
     if resume and writer:
-        meta = load_checkpoint(latest_checkpoint(out_dir), weights_file, model, optimizer)
+        meta = resume_checkpoint(out_dir, weights_file, model, optimizer)
         check_resume_args(meta.get("args", {}), asdict(args))
     if world > 1:  # rank 0's state, whatever the world size of the run that saved it
         with guard(group):
