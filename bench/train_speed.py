@@ -3,8 +3,8 @@
     python -m mlx_openelm.bench.train_speed --config demo/train_config.json --batch 8 --seq 256
 
 The MLX side is `train.trainer.train` itself (the loop `mlx-openelm pretrain` runs: compiled step,
-AdamW, clipping), timed per optimizer step through its `on_step` hook; its step runs MLX's own ops
-(the CPU kernels did not make it faster, see the trainer). The PyTorch side is `reference.OpenELM`
+AdamW, clipping, and on a Linux CPU the native kernels with their backward passes), timed per
+optimizer step through its `on_step` hook. The PyTorch side is `reference.OpenELM`
 in train mode with AdamW and `clip_grad_norm_`, the same recipe. Every trial is a fresh process
 (torch and MLX never share one), the rows take turns in rounds, and the report gives each row's
 median tokens/s.
