@@ -24,7 +24,7 @@ from ..config import preset as preset_args
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, check_run_folder
-from .distributed import check_on_rank0, guard
+from .distributed import check_on_rank0, guard, weights_from_rank0
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
@@ -318,7 +318,10 @@ def pretrain(
         "seq_length": seq_length,
     }
     if average_last > 1:
-        weights = average_checkpoints(out, average_last)
+        # Only rank 0 holds the checkpoints: it averages them and hands the result over.
+        averaged: dict[str, mx.array] = {}
+        check_on_rank0(lambda: averaged.update(average_checkpoints(out, average_last)))
+        weights = weights_from_rank0(averaged or None, model, mx.distributed.init())
         model.load_weights(list(weights.items()))
         if rank0:
             mx.save_safetensors(str(out / WEIGHTS), weights)
