@@ -453,6 +453,9 @@ def pretrain(
         str | None, typer.Option(help="float32, float16 or bfloat16 for --export-hf")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT's run")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete what OUT holds and start afresh")
+    ] = False,
 ) -> None:
     """Pretrain an OpenELM from scratch, the paper's recipe (Ctrl-C saves; --resume continues)."""
     from .train.pretrain import parse_overrides
@@ -467,7 +470,7 @@ def pretrain(
         val_fraction=val_fraction,
         doc_separator=sep, min_doc_chars=min_doc_chars, min_doc_tokens=min_doc_tokens,
         average_last=average_last, export_hf_path=export_hf, hf_dtype=hf_dtype, resume=resume,
-        iters=iters, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
+        overwrite=overwrite, iters=iters, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
         learning_rate=learning_rate, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
         steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,

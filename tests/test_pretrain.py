@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import DATA, SPM_VOCAB
+from conftest import DATA, SPM_VOCAB, make_model_folder
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
@@ -167,6 +167,26 @@ def test_bad_input_fails_before_training(case, match, text, spm_model, tmp_path)
     with pytest.raises(ValueError, match=match):
         run(data, tmp_path / "out", spm_model, overrides=overrides)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_a_model_is_refused_unless_overwrite(text, spm_model, tmp_path):
+    model = make_model_folder(tmp_path / "model", spm_model)
+    (model / "metrics.jsonl").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(FileExistsError, match="not a pretraining run.*--overwrite"):
+        run(text, model, spm_model, iters=2, warmup_steps=0)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    with pytest.raises(ValueError, match="--resume or --overwrite"):
+        run(text, model, spm_model, iters=2, warmup_steps=0, resume=True, overwrite=True)
+    run(text, model, spm_model, iters=2, warmup_steps=0, overwrite=True)
+    lines = (model / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2]  # the old file is gone
+    # A finished run is refused too (it needs --resume), and --overwrite starts it again.
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        run(text, model, spm_model, iters=2, warmup_steps=0)
+    run(text, model, spm_model, iters=4, warmup_steps=0, steps_per_save=2, overwrite=True)
+    steps = sorted(p.name for p in (model / CHECKPOINTS).iterdir())
+    assert steps == ["step_0000002", "step_0000004"]
 
 
 def test_cli_reports_bad_config(text, spm_model, tmp_path):
