@@ -129,7 +129,7 @@ ChatTemplateOption = Annotated[
 GradAccumulation = Annotated[int, typer.Option(help="Micro-steps per update")]
 LearningRate = Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")]
 MinLrRatio = Annotated[float, typer.Option(help="Final LR as a fraction of the peak")]
-WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")]
 GradClip = Annotated[float, typer.Option(help="Gradient norm clip (0: off)")]
 GradCheckpoint = Annotated[
     bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
@@ -435,6 +435,9 @@ def pretrain(
     ] = None,
     min_lr_ratio: MinLrRatio = 0.1,
     weight_decay: WeightDecay = 0.1,
+    z_loss: Annotated[
+        float, typer.Option(help="z-loss weight on log(Z)^2 (CoreNet's 1e-4; 0: off)")
+    ] = 1e-4,
     grad_clip: GradClip = 1.0,
     grad_checkpoint: GradCheckpoint = False,
     seed: Annotated[int, typer.Option(help="Seed for init, data order and split")] = 0,
@@ -473,7 +476,7 @@ def pretrain(
         overwrite=overwrite, iters=iters, batch_size=batch_size,
         grad_accumulation_steps=grad_accumulation_steps,
         learning_rate=learning_rate, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
-        grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
+        z_loss=z_loss, grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
         steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
         val_batches=val_batches,
         steps_per_save=steps_per_save, keep_checkpoints=keep_checkpoints, **training,

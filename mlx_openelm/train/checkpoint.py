@@ -31,6 +31,7 @@ RESUME_FIXED = (
     "warmup_steps",
     "min_lr_ratio",
     "weight_decay",
+    "z_loss",
     "adam_betas",
     "seed",
     "max_seq_length",

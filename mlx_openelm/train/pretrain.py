@@ -33,10 +33,12 @@ from .trainer import METRICS, TrainingArgs, evaluate, train
 
 WEIGHTS = "model.safetensors"
 SUMMARY = "pretrain.json"
-# The paper's recipe (AdamW 0.9/0.95, weight decay 0.1, cosine to 10% of the peak, clip 1.0).
+# The paper's recipe (AdamW 0.9/0.95, weight decay 0.1, cosine to 10% of the peak, clip 1.0),
+# with CoreNet's z-loss.
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-3,  # the paper: 5.3e-3 at 4M-token batches; small batches want less
-    weight_decay=0.1,
+    weight_decay=0.1,  # matrices only, as CoreNet's no_decay_bn_filter_bias
+    z_loss=1e-4,  # CoreNet's OpenELM configs set use_z_loss; 1e-4 is its z_loss_eps default
     adam_betas=(0.9, 0.95),
     min_lr_ratio=0.1,
     grad_clip=1.0,
