@@ -215,7 +215,9 @@ def lora(
     grad_accumulation_steps: GradAccumulation = 1,
     max_seq_length: Annotated[int, typer.Option(help="Longer examples are cut")] = 2048,
     learning_rate: LearningRate = 3e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine to 10%")] = 100,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear warm-up (default 10% of the run, at most 100)")
+    ] = None,
     min_lr_ratio: MinLrRatio = 0.1,
     weight_decay: WeightDecay = 0.0,
     grad_clip: GradClip = 1.0,

@@ -211,6 +211,23 @@ def test_existing_adapters_need_resume(trained, base_folder):
         lora(base_folder, DATA, trained, iters=30, **QUICK)
 
 
+def test_a_short_run_warms_up_for_a_share_of_it(base_folder, tmp_path):
+    # No --warmup-steps: 10% of the run (at most 100), said in the opening line.
+    opts = ["lora", "--model", str(base_folder), "--data", str(DATA), "--rank", "4",
+            "--batch-size", "8", "--steps-per-eval", "0"]  # fmt: skip
+    r = CliRunner().invoke(app, [*opts, "--iters", "30", "--adapter-path", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "30 steps, warm-up 3 (10% of the run)" in r.output
+    saved = json.loads((tmp_path / "a/adapter_config.json").read_text())["training"]
+    assert saved["warmup_steps"] == 3
+    r = CliRunner().invoke(app, [*opts, "--epochs", "0.5", "--adapter-path", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "10 steps, warm-up 1 (10% of the run)" in r.output, r.output
+    # An explicit warm-up is checked against the run's length.
+    r = CliRunner().invoke(app, [*opts, "--iters", "30", "--warmup-steps", "40",
+                                 "--adapter-path", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 1 and "warmup_steps (40) must be below iters (30)" in r.output
+
+
 # ---- resume and Ctrl-C
 
 

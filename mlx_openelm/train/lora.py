@@ -44,6 +44,8 @@ TARGET_KEYS = {
     "lm_head": "lm_head",
 }
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+# The default warm-up is 10% of the run, at most this (the paper: 1000, over far longer runs).
+MAX_WARMUP = 100
 
 
 class QuantizedDoRAEmbedding(DoRAEmbedding):
@@ -215,13 +217,15 @@ def lora(
         resume: continue from the last checkpoint in `adapter_path`.
         progress: show the live bar.
         tokenizer: overrides the model folder's tokenizer.
-        training: `TrainingArgs` fields (iters, batch_size, learning_rate, ...).
+        training: `TrainingArgs` fields (iters, batch_size, learning_rate, ...); without
+          `warmup_steps` the warm-up is 10% of the run, at most `MAX_WARMUP`.
 
     Returns:
         The last training figures (see `trainer.train`).
     """
+    warmup = training.pop("warmup_steps", None)  # None: a share of the run, once it is known
     try:
-        args = TrainingArgs(**training)
+        args = TrainingArgs(**training, warmup_steps=warmup or 0)
     except TypeError as e:
         raise ValueError(f"unknown training option: {e}") from None
     adapter_path = Path(adapter_path)
@@ -247,7 +251,15 @@ def lora(
     if epochs is not None:
         per_step = args.batch_size * args.grad_accumulation_steps
         args = replace(args, iters=max(1, math.ceil(epochs * len(train_set) / per_step)))
+    if warmup is None:
+        args = replace(args, warmup_steps=min(MAX_WARMUP, args.iters // 10))
+    else:
+        args = replace(args, warmup_steps=warmup)  # checked against the final iters
     notes = [f"{v} training examples {k}" for k, v in stats.items() if v]
+    notes.append(
+        f"{args.iters} steps, warm-up {args.warmup_steps}"
+        + (" (10% of the run)" if warmup is None else "")
+    )
 
     n_layers = len(base.layers) if num_layers is None else num_layers
     if n_layers > len(base.layers):
