@@ -6,12 +6,7 @@ folders load here.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +18,6 @@ from . import hub
 from .config import ModelArgs
 from .model import Model
 from .tokenizer import load_tokenizer
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
-
-    A failure (or Ctrl-C) leaves no half-written `out` behind.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists: delete it or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(
@@ -105,7 +80,7 @@ def load(
     except ValueError as e:
         raise ValueError(f"{folder}: weights do not match config.json: {e}") from None
     if adapter_path is not None:
-        from .train.lora import load_adapters  # the training package imports this module
+        from .adapters import load_adapters  # mlx-lm's tuner package only when asked for
 
         load_adapters(model, adapter_path)
     model.eval()

@@ -7,9 +7,7 @@ functions of the seed and the step, so they need no saved state.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..loading import atomic_folder
+from ..files import atomic_folder, atomic_write
 
 CHECKPOINTS = "checkpoints"
 # Arguments a resumed run must share with the run it continues (they fix data order and schedule).
@@ -36,12 +34,6 @@ RESUME_FIXED = (
     "seed",
     "max_seq_length",
 )
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -78,7 +70,7 @@ def save_checkpoint(
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     # The latest weights also sit at the top, where users (and `load`) look for them.
-    _atomic_write(out_dir / weights_file, lambda p: shutil.copyfile(folder / weights_file, p))
+    atomic_write(out_dir / weights_file, lambda p: shutil.copyfile(folder / weights_file, p))
     for old in sorted((out_dir / CHECKPOINTS).glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
