@@ -40,9 +40,9 @@ def _worker(mode: str, steps: int, batch: int, seq: int, allreduce_mb: float) ->
     import numpy as np
     from mlx.utils import tree_flatten
 
+    from mlx_openelm.adapters import adapter_config, apply_lora
     from mlx_openelm.config import ModelArgs
     from mlx_openelm.model import Model
-    from mlx_openelm.train.lora import adapter_config, apply_lora
     from mlx_openelm.train.trainer import TrainingArgs, train
 
     group = mx.distributed.init()

@@ -13,7 +13,8 @@ from mlx_openelm import hub
 from mlx_openelm.chat_template import template_for_convert
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import UserError
-from mlx_openelm.loading import atomic_folder, check_writable, save_model
+from mlx_openelm.files import atomic_folder, check_writable
+from mlx_openelm.loading import save_model
 from mlx_openelm.model import Model
 from mlx_openelm.tokenizer import Tokenizer, write_tokenizer_files
 from mlx_openelm.tokenizer_sources import explicit_tokenizer, resolve_tokenizer

@@ -83,6 +83,7 @@ class ChatSession:
         self.last_token: int | None = None  # the last token in the cache (None: empty)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.text = ""  # the rendered conversation whose tokens the cache holds
+        self.note: str | None = None  # what the last turn dropped to fit the context
 
     @property
     def cached(self) -> int:
@@ -102,16 +103,42 @@ class ChatSession:
         # A reply cut short (length limit or Ctrl-C) is closed by the template's own `</s>`.
         return self.tokenizer.encode(text, add_bos=False, special=True)
 
-    def reply(self, message: str) -> Generator[GenerationResponse, None, None]:
-        """Stream the reply to `message`; stopping early (closing the generator) is fine."""
+    def _fit(self, message: str) -> tuple[list[dict[str, str]], str, list[int], bool, int]:
+        """(messages, text and ids to prefill, whether to start the cache over, reply room).
+
+        When the conversation leaves the reply less than `min(max_tokens, context / 4)`, the
+        oldest exchanges go (the system prompt stays) and what remains is prefilled again, as
+        llama.cpp's context shift does. `self.note` then says so.
+        """
         messages, text, restart = self._pending(message)
         ids = self.tokenizer.encode(text, add_bos=False, special=True)
         room = self.context - (0 if restart else self.cached) - len(ids)
+        want, dropped, self.note = min(self.max_tokens, self.context // 4), 0, None
+        keep = 1 if self.system else 0  # the system message
+        while room < want and len(messages) - keep > 1:
+            # Drop one exchange: the oldest user message and the replies up to the next one.
+            end = keep + 1
+            while end < len(messages) - 1 and messages[end]["role"] != "user":
+                end += 1
+            messages, dropped, restart = messages[:keep] + messages[end:], dropped + 1, True
+            text = self.template.render(messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_bos=False, special=True)
+            room = self.context - len(ids)
         if room < 1:
             raise UserError(
-                f"The conversation ({self.cached} tokens) and this message ({len(ids)} tokens) "
-                f"outgrow the context window of {self.context} tokens: /reset to start over"
+                f"this message ({len(ids)} tokens with the system prompt) outgrows the context "
+                f"window of {self.context} tokens: shorten it"
             )
+        if dropped:
+            self.note = (
+                f"[context full: dropped the oldest {dropped} exchange(s), "
+                f"prefilling the {len(ids)} tokens left]"
+            )
+        return messages, text, ids, restart, room
+
+    def reply(self, message: str) -> Generator[GenerationResponse, None, None]:
+        """Stream the reply to `message`; stopping early (closing the generator) is fine."""
+        messages, text, ids, restart, room = self._fit(message)
         if restart:
             self.cache, self.text = make_prompt_cache(self.model), ""
         answer = {"role": "assistant", "content": ""}
@@ -161,9 +188,14 @@ def _status(session: ChatSession, reused: int, last: GenerationResponse, reason:
 
 def chat_turn(session: ChatSession, message: str) -> None:
     """Stream one reply to stdout and a status line to stderr; Ctrl-C ends the reply early."""
-    reused, last = session.cached, None
+    reused, last, noted = session.cached, None, False
     with _StopFlag() as stop:
         for last in session.reply(message):
+            if session.note and not noted:  # set once the turn has started
+                noted = True
+                dim = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
+                print(dim[0] + session.note + dim[1], file=sys.stderr, flush=True)
+                reused = 0
             print(last.text, end="", flush=True)
             if stop.set:
                 break

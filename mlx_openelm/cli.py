@@ -166,7 +166,7 @@ ChatTemplateOption = Annotated[
 GradAccumulation = Annotated[int, typer.Option(help="Micro-steps per update")]
 LearningRate = Annotated[float, typer.Option(help="Peak LR (AdamW 0.9, 0.95)")]
 MinLrRatio = Annotated[float, typer.Option(help="Final LR as a fraction of the peak")]
-WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")]
 GradClip = Annotated[float, typer.Option(help="Gradient norm clip (0: off)")]
 GradCheckpoint = Annotated[
     bool, typer.Option("--grad-checkpoint", help="Recompute activations: less memory")
@@ -252,7 +252,9 @@ def lora(
     grad_accumulation_steps: GradAccumulation = 1,
     max_seq_length: Annotated[int, typer.Option(help="Longer examples are cut")] = 2048,
     learning_rate: LearningRate = 3e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine to 10%")] = 100,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear warm-up (default 10% of the run, at most 100)")
+    ] = None,
     min_lr_ratio: MinLrRatio = 0.1,
     weight_decay: WeightDecay = 0.0,
     grad_clip: GradClip = 1.0,
@@ -472,6 +474,9 @@ def pretrain(
     ] = None,
     min_lr_ratio: MinLrRatio = 0.1,
     weight_decay: WeightDecay = 0.1,
+    z_loss: Annotated[
+        float, typer.Option(help="z-loss weight on log(Z)^2 (CoreNet's 1e-4; 0: off)")
+    ] = 1e-4,
     grad_clip: GradClip = 1.0,
     grad_checkpoint: GradCheckpoint = False,
     seed: Annotated[int, typer.Option(help="Seed for init, data order and split")] = 0,
@@ -490,6 +495,9 @@ def pretrain(
         str | None, typer.Option(help="float32, float16 or bfloat16 for --export-hf")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT's run")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete what OUT holds and start afresh")
+    ] = False,
 ) -> None:
     """Pretrain an OpenELM from scratch, the paper's recipe (Ctrl-C saves; --resume continues)."""
     from .train.pretrain import parse_overrides
@@ -504,9 +512,10 @@ def pretrain(
         val_fraction=val_fraction,
         doc_separator=sep, min_doc_chars=min_doc_chars, min_doc_tokens=min_doc_tokens,
         average_last=average_last, export_hf_path=export_hf, hf_dtype=hf_dtype, resume=resume,
-        iters=iters, batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps,
+        overwrite=overwrite, iters=iters, batch_size=batch_size,
+        grad_accumulation_steps=grad_accumulation_steps,
         learning_rate=learning_rate, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
-        grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
+        z_loss=z_loss, grad_clip=grad_clip, grad_checkpoint=grad_checkpoint, seed=seed,
         steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
         val_batches=val_batches,
         steps_per_save=steps_per_save, keep_checkpoints=keep_checkpoints, **training,

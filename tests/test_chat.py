@@ -41,6 +41,25 @@ def test_session_turn_ids(tokenizer):
     assert session.cached == 0 and session.turn_ids("Hi") == ids
 
 
+def test_a_long_chat_drops_the_oldest_exchanges_and_keeps_the_system_prompt(tokenizer):
+    model = tiny_model(never_eos=True, max_context_length=96)
+    session = ChatSession(model, tokenizer, system=SYSTEM, max_tokens=8)
+    notes = []
+    for i in range(12):
+        replies = list(session.reply(f"Tell me about chapter {i}, please."))
+        assert len(replies) == 8 and session.cached <= 96
+        notes.append(session.note)
+        assert session.messages[0] == {"role": "system", "content": SYSTEM}
+        assert session.messages[-2]["content"] == f"Tell me about chapter {i}, please."
+        # The cache holds exactly the rendered conversation that is kept.
+        kept = session.template.render(session.messages[:-1], add_generation_prompt=True)
+        want = len(tokenizer.encode(kept, add_bos=False, special=True)) + 8
+        assert session.cached == want
+    shifted = [n for n in notes if n]
+    assert shifted and "dropped the oldest" in shifted[0], notes
+    assert len(session.messages) < 1 + 2 * 12
+
+
 def spawn(folder, *args: str):
     child = pexpect.spawn(
         sys.executable,
@@ -89,10 +108,8 @@ def test_chat_repl(tiny_folder, tokenizer):
     assert new2 < used  # the first turn was not prefilled again
     assert used2 == used + new2 + reply2
 
-    child.sendline("Anne " * 500)  # more than the context has left
-    child.expect(r"error: The conversation \((\d+) tokens\) and this message")
-    assert int(child.match.group(1)) == used2
-    child.expect("/reset to start over")
+    child.sendline("Anne " * 600)  # more than the whole context
+    child.expect(r"error: this message \((\d+) tokens with the system prompt\) outgrows")
     child.expect_exact(">>> ")
 
     child.sendline("/reset")

@@ -137,6 +137,16 @@ def assert_same_state(one: Path, two: Path) -> None:
     assert state[0] == state[1]
 
 
+def pretrain_args(tmp: Path, spm_model: Path, *extra: str) -> list[str]:
+    """A 4-step pretraining of the tiny shape on the shipped text (no --out)."""
+    config = tmp / "tiny.json"
+    config.write_text(json.dumps(tiny_args().to_dict()))
+    return ["pretrain", "--data", str(TEXT), "--config", str(config), "--tokenizer",
+            str(spm_model), "--doc-separator", "\\n\\n", "--val-fraction", "0.05",
+            "--seq-length", "64", "--batch-size", "4", "--warmup-steps", "1", *SHORT,
+            *extra]  # fmt: skip
+
+
 def lora_cli(out: Path, *extra: str) -> None:
     result = CliRunner().invoke(app, ["lora", *extra, "--adapter-path", str(out)])
     assert result.exit_code == 0, result.output
@@ -337,12 +347,7 @@ def test_ranks_with_other_options_refuse_to_start(runs, tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_on_two_ranks_equals_one_process(tmp_path, spm_model):
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(tiny_args().to_dict()))
-    args = ["pretrain", "--data", str(TEXT), "--config", str(config), "--tokenizer",
-            str(spm_model), "--doc-separator", "\\n\\n", "--val-fraction", "0.05",
-            "--seq-length", "64", "--batch-size", "4", "--warmup-steps", "1",
-            "--steps-per-report", "1", *SHORT]  # fmt: skip
+    args = pretrain_args(tmp_path, spm_model, "--steps-per-report", "1")
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
     out = launch([*args, "--out", str(tmp_path / "two")], cwd=tmp_path)
@@ -355,3 +360,20 @@ def test_pretraining_on_two_ranks_equals_one_process(tmp_path, spm_model):
     summary = [json.loads((d / "pretrain.json").read_text()) for d in (one, two)]
     assert summary[0]["val_loss"] == pytest.approx(summary[1]["val_loss"], rel=1e-5)
     assert out.count("step 4: val loss") == 1, out
+
+
+@pytest.mark.slow
+def test_average_last_on_two_ranks_needs_the_folder_on_rank_0_only(tmp_path, spm_model):
+    # Rank 0 averages its checkpoints and hands the result over: rank 1 has no folder at all, and
+    # the final validation (summed over both ranks) equals one process's.
+    args = pretrain_args(tmp_path, spm_model, "--average-last", "2")
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    extra = (["--out", str(tmp_path / "rank0")], ["--out", str(tmp_path / "x")])
+    codes = run_ranks(args, tmp_path, extra)
+    assert codes == [0, 0], read_log(tmp_path, 0) + read_log(tmp_path, 1)
+    assert not (tmp_path / "x").exists()  # rank 1 wrote nothing
+    assert_same_weights(tmp_path / "one", tmp_path / "rank0", "model.safetensors", ATOL_PRETRAIN)
+    summary = [json.loads((tmp_path / d / "pretrain.json").read_text()) for d in ("one", "rank0")]
+    assert summary[1]["averaged_checkpoints"] == 2
+    assert summary[0]["val_loss"] == pytest.approx(summary[1]["val_loss"], rel=1e-5)

@@ -220,8 +220,8 @@ def test_perplexity_reads_folders_and_jsonl(tmp_path, loaded):
 def test_adapter_is_applied_and_reported(ref_folder, loaded, tmp_path):
     from mlx.utils import tree_flatten, tree_map
 
+    from mlx_openelm.adapters import adapter_config, apply_lora
     from mlx_openelm.eval.perplexity import perplexity
-    from mlx_openelm.train.lora import adapter_config, apply_lora
 
     folder = ref_folder[1]
     model, _, _ = mlx_openelm.load(folder)

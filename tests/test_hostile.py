@@ -421,7 +421,7 @@ def test_output_mode_follows_the_umask_and_stale_temporaries_are_removed(tmp_pat
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):
-    from mlx_openelm.loading import atomic_folder
+    from mlx_openelm.files import atomic_folder
 
     def write():
         with atomic_folder(tmp_path / "out") as tmp:

@@ -7,6 +7,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx  # noqa: I001  (conftest imports mlx_openelm first, which picks the BLAS)
@@ -18,20 +20,14 @@ from mlx.utils import tree_flatten, tree_unflatten
 from typer.testing import CliRunner
 
 import mlx_openelm
+from mlx_openelm.adapters import ADAPTER_LEAVES, adapter_config, apply_lora, fuse_adapters
 from mlx_openelm.chat_template import folder_template
 from mlx_openelm.cli import app
 from mlx_openelm.loading import save_model
 from mlx_openelm.train import lora as lora_mod
 from mlx_openelm.train import trainer
 from mlx_openelm.train.data import load_data_folder, tokenize
-from mlx_openelm.train.lora import (
-    ADAPTER_LEAVES,
-    adapter_config,
-    apply_lora,
-    fuse,
-    fuse_adapters,
-    lora,
-)
+from mlx_openelm.train.lora import fuse, lora
 from mlx_openelm.train.trainer import TrainingArgs, make_schedule, train
 
 DATA = Path(__file__).parent / "data" / "lora"
@@ -209,6 +205,34 @@ def test_adapters_load_in_mlx_lm(trained, base_folder):
 def test_existing_adapters_need_resume(trained, base_folder):
     with pytest.raises(FileExistsError, match="pass --resume"):
         lora(base_folder, DATA, trained, iters=30, **QUICK)
+
+
+def test_a_short_run_warms_up_for_a_share_of_it(base_folder, tmp_path):
+    # No --warmup-steps: 10% of the run (at most 100), said in the opening line.
+    opts = ["lora", "--model", str(base_folder), "--data", str(DATA), "--rank", "4",
+            "--batch-size", "8", "--steps-per-eval", "0"]  # fmt: skip
+    r = CliRunner().invoke(app, [*opts, "--iters", "30", "--adapter-path", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "30 steps, warm-up 3 (10% of the run)" in r.output
+    saved = json.loads((tmp_path / "a/adapter_config.json").read_text())["training"]
+    assert saved["warmup_steps"] == 3
+    r = CliRunner().invoke(app, [*opts, "--epochs", "0.5", "--adapter-path", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "10 steps, warm-up 1 (10% of the run)" in r.output, r.output
+    # An explicit warm-up is checked against the run's length.
+    r = CliRunner().invoke(app, [*opts, "--iters", "30", "--warmup-steps", "40",
+                                 "--adapter-path", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 1 and "warmup_steps (40) must be below iters (30)" in r.output
+
+
+def test_loading_with_adapters_imports_no_training_code(trained, base_folder):
+    # Inference stays light: no trainer, watchdog, checkpoints or rich progress bars.
+    script = (
+        "import sys, mlx_openelm; from mlx_openelm.loading import load; "
+        f"load({str(base_folder)!r}, adapter_path={str(trained)!r}); "
+        "print([m for m in sys.modules if m.startswith('mlx_openelm.train')])"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 # ---- resume and Ctrl-C

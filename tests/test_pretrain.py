@@ -10,13 +10,21 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import DATA, SPM_VOCAB
+from conftest import DATA, SPM_VOCAB, make_model_folder, tiny_model
+from mlx.utils import tree_flatten, tree_map
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
 from mlx_openelm.train.checkpoint import CHECKPOINTS
-from mlx_openelm.train.pretrain import build_config, ngram_baselines, parse_overrides, pretrain
+from mlx_openelm.train.pretrain import (
+    PRETRAIN_DEFAULTS,
+    build_config,
+    ngram_baselines,
+    parse_overrides,
+    pretrain,
+)
 from mlx_openelm.train.text_data import encode_documents, pack, read_documents, split_documents
+from mlx_openelm.train.trainer import TrainingArgs, make_optimizer, masked_loss
 
 TINY = dict(num_transformer_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=32)
 # Paragraphs of the shipped Persuasion excerpt are the documents.
@@ -115,6 +123,32 @@ def test_average_last_checkpoints_and_own_tokenizer(text, spm_model, tmp_path):
     assert mx.allclose(avg[k], (w[0][k] + w[1][k] + w[2][k]) / 3, atol=1e-6).item()
 
 
+def test_weight_decay_spares_norm_gains():
+    # CoreNet's no_decay_bn_filter_bias (nanoGPT's configure_optimizers): 1-D parameters keep.
+    model = tiny_model()
+    before = dict(tree_flatten(model.parameters()))
+    opt = make_optimizer(TrainingArgs(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, iters=9))
+    opt.update(model, tree_map(mx.zeros_like, model.parameters()))  # only the decay moves
+    after = dict(tree_flatten(model.parameters()))
+    for k, w in before.items():
+        want = w if w.ndim == 1 else w * (1 - 0.1 * 0.5)
+        assert mx.allclose(after[k], want, atol=1e-6).item(), k
+    assert any(w.ndim == 1 for w in before.values())
+
+
+def test_z_loss_adds_the_squared_log_normaliser_of_target_positions():
+    model = tiny_model()
+    inputs = mx.array([[1, 5, 7, 9], [1, 4, 4, 2]])
+    targets, mask = mx.array([[5, 7, 9, 2], [4, 4, 2, 0]]), mx.array([[1, 1, 1, 1], [0, 1, 1, 0]])
+    ce, n = masked_loss(model, inputs, targets, mask)
+    total, n2 = masked_loss(model, inputs, targets, mask, z_loss=1e-2)
+    lse = mx.logsumexp(model(inputs).astype(mx.float32), axis=-1)
+    z = (lse**2 * mask).sum()
+    assert n.item() == n2.item() == 6
+    assert total.item() == pytest.approx(ce.item() + 1e-2 * z.item(), rel=1e-5)
+    assert PRETRAIN_DEFAULTS["z_loss"] == 1e-4  # CoreNet's z_loss_eps, on in its OpenELM configs
+
+
 def test_ngram_baselines_order():
     rng = np.random.default_rng(0)
     # A Markov chain: the bigram model must beat the unigram one.
@@ -167,6 +201,26 @@ def test_bad_input_fails_before_training(case, match, text, spm_model, tmp_path)
     with pytest.raises(ValueError, match=match):
         run(data, tmp_path / "out", spm_model, overrides=overrides)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_a_model_is_refused_unless_overwrite(text, spm_model, tmp_path):
+    model = make_model_folder(tmp_path / "model", spm_model)
+    (model / "metrics.jsonl").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(FileExistsError, match="not a pretraining run.*--overwrite"):
+        run(text, model, spm_model, iters=2, warmup_steps=0)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    with pytest.raises(ValueError, match="--resume or --overwrite"):
+        run(text, model, spm_model, iters=2, warmup_steps=0, resume=True, overwrite=True)
+    run(text, model, spm_model, iters=2, warmup_steps=0, overwrite=True)
+    lines = (model / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2]  # the old file is gone
+    # A finished run is refused too (it needs --resume), and --overwrite starts it again.
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        run(text, model, spm_model, iters=2, warmup_steps=0)
+    run(text, model, spm_model, iters=4, warmup_steps=0, steps_per_save=2, overwrite=True)
+    steps = sorted(p.name for p in (model / CHECKPOINTS).iterdir())
+    assert steps == ["step_0000002", "step_0000004"]
 
 
 def test_cli_reports_bad_config(text, spm_model, tmp_path):

@@ -7,10 +7,8 @@ functions of the seed and the step, so they need no saved state.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..convert.readers import read_safetensors
 from ..errors import UserError, read_json
-from ..loading import atomic_folder, remove_stale_temporaries
+from ..files import atomic_folder, atomic_write, remove_stale_temporaries
 
 CHECKPOINTS = "checkpoints"
 # Arguments a resumed run must share with the run it continues (they fix data order and schedule).
@@ -34,16 +32,11 @@ RESUME_FIXED = (
     "warmup_steps",
     "min_lr_ratio",
     "weight_decay",
+    "z_loss",
     "adam_betas",
     "seed",
     "max_seq_length",
 )
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -82,7 +75,7 @@ def save_checkpoint(
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     # The latest weights also sit at the top, where users (and `load`) look for them.
-    _atomic_write(out_dir / weights_file, lambda p: shutil.copyfile(folder / weights_file, p))
+    atomic_write(out_dir / weights_file, lambda p: shutil.copyfile(folder / weights_file, p))
     for old in sorted((out_dir / CHECKPOINTS).glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder

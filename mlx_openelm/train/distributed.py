@@ -176,6 +176,20 @@ def check_on_rank0(check: Callable[[], None], group: mx.distributed.Group | None
         raise _CHECK_ERRORS[error[0]](error[1])
 
 
+def weights_from_rank0(
+    weights: dict[str, mx.array] | None, model: nn.Module, group: mx.distributed.Group
+) -> dict[str, mx.array]:
+    """Rank 0's `weights` (e.g. an average of the checkpoints only it holds) on every rank.
+
+    The other ranks pass None: `model`'s trainable parameters give them the names and shapes.
+    """
+    if group.size() == 1:
+        return weights
+    template = weights if group.rank() == 0 else dict(tree_flatten(model.trainable_parameters()))
+    with guard(group):
+        return dict(tree_flatten(_from_rank0(template, group)))
+
+
 def sync_from_rank0(
     model: nn.Module,
     optimizer: optim.Optimizer,

@@ -16,10 +16,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
 
 from .. import hub
+from ..adapters import fuse_adapters
 from ..chat_template import folder_template
 from ..config import ModelArgs
 from ..errors import UserError, read_json
-from ..loading import atomic_folder, load
+from ..files import atomic_folder
+from ..loading import load
 from ..tokenizer import write_tokenizer_files
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -87,7 +89,6 @@ def export(
         The paths written.
     """
     from ..gguf_export import GGUF_TYPES, check_representable, require_gguf, write_gguf
-    from .lora import fuse_adapters  # lora.py imports this module
 
     if gguf_path is None and hf_path is None:
         raise UserError("nothing to write: give --gguf FILE and/or --hf FOLDER")

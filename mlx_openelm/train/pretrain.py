@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -24,19 +25,21 @@ from ..config import preset as preset_args
 from ..errors import UserError, check_seed, read_json
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
-from .checkpoint import CHECKPOINTS, check_run_folder
-from .distributed import check_on_rank0, guard
+from .checkpoint import CHECKPOINTS, check_run_folder, latest_checkpoint
+from .distributed import check_on_rank0, guard, weights_from_rank0
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
-from .trainer import TrainingArgs, evaluate, train
+from .trainer import METRICS, TrainingArgs, evaluate, train
 
 WEIGHTS = "model.safetensors"
 SUMMARY = "pretrain.json"
-# The paper's recipe (AdamW 0.9/0.95, weight decay 0.1, cosine to 10% of the peak, clip 1.0).
+# The paper's recipe (AdamW 0.9/0.95, weight decay 0.1, cosine to 10% of the peak, clip 1.0),
+# with CoreNet's z-loss.
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-3,  # the paper: 5.3e-3 at 4M-token batches; small batches want less
-    weight_decay=0.1,
+    weight_decay=0.1,  # matrices only, as CoreNet's no_decay_bn_filter_bias
+    z_loss=1e-4,  # CoreNet's OpenELM configs set use_z_loss; 1e-4 is its z_loss_eps default
     adam_betas=(0.9, 0.95),
     min_lr_ratio=0.1,
     grad_clip=1.0,
@@ -159,6 +162,31 @@ def ngram_baselines(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size
     return {"unigram_ppl": float(math.exp(unigram_nll)), "bigram_ppl": float(math.exp(best))}
 
 
+def check_out_folder(
+    out: Path, resume: bool, overwrite: bool, tokenizer: str | Path | None = None
+) -> None:
+    """`out` is new, empty, a run to `resume`, or (`overwrite`) one whose contents may go."""
+    if overwrite:
+        if resume:
+            raise UserError("--resume or --overwrite: continue the run in OUT, or replace it")
+        if (
+            tokenizer is not None
+            and out.exists()
+            and out.resolve() in Path(tokenizer).resolve().parents
+        ):
+            raise UserError(f"--overwrite would delete --tokenizer {tokenizer}: copy it elsewhere")
+        return
+    # An interrupted first session leaves its tokenizer (and metrics) but no checkpoint yet.
+    leftovers = {TOKENIZER_FILE, METRICS, CHECKPOINTS}
+    if not resume and out.is_dir() and {p.name for p in out.iterdir()} - leftovers:
+        if latest_checkpoint(out) is None:
+            raise FileExistsError(
+                f"{out} is not empty and not a pretraining run (a model folder?): choose "
+                "another --out, or pass --overwrite to replace what it holds"
+            )
+    check_run_folder(out, resume)
+
+
 def _tokenizer_for(
     out: Path, tokenizer: str | Path | None, data, resume, vocab, doc_separator
 ) -> Path:
@@ -195,6 +223,7 @@ def pretrain(
     export_hf_path: str | Path | None = None,
     hf_dtype: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     **training: Any,
 ) -> dict[str, Any]:
@@ -216,6 +245,7 @@ def pretrain(
         export_hf_path: also write a Hugging Face OpenELM folder here.
         hf_dtype: float32, float16 or bfloat16 for that export.
         resume: continue from the last checkpoint in `out`.
+        overwrite: delete what `out` holds (a model, a finished run) and start afresh.
         progress: show the live bar.
         training: `TrainingArgs` fields (iters, batch_size, learning_rate, warmup_steps, ...);
           the defaults follow the paper's recipe, warm-up is 10% of `iters` (at most 1000).
@@ -229,7 +259,7 @@ def pretrain(
         export = None if export_hf_path is None else Path(export_hf_path)
         if export is not None and export.exists() and any(export.iterdir()):
             raise FileExistsError(f"{export} already exists: delete it or choose another path")
-        check_run_folder(out, resume)
+        check_out_folder(out, resume, overwrite, tokenizer)
 
     check_on_rank0(check_folders)  # the other machines need not see `out`
     opts = {**PRETRAIN_DEFAULTS, **training}
@@ -243,9 +273,12 @@ def pretrain(
         raise UserError(f"unknown training option: {e}") from None
 
     # Everything a user can get wrong is checked before the model is built or a file written.
+    rank0 = mx.distributed.init().rank() == 0
     docs = read_documents(data, doc_separator)
     train_docs, val_docs = split_documents(docs, val_fraction, args.seed)
     build_config(config, preset, overrides, vocab_size=tokenizer_vocab_size)  # fail early
+    if overwrite and rank0 and out.exists():
+        shutil.rmtree(out)
     tok_path = _tokenizer_for(out, tokenizer, data, resume, tokenizer_vocab_size, doc_separator)
     tok = Tokenizer(tok_path)
     model_args = build_config(config, preset, overrides, vocab_size=tok.vocab_size)
@@ -273,7 +306,6 @@ def pretrain(
 
     model = Model(model_args)
     init_weights(model, model_args, args.seed)
-    rank0 = mx.distributed.init().rank() == 0
     per_step = args.batch_size * args.grad_accumulation_steps
     if rank0:
         print(
@@ -320,7 +352,10 @@ def pretrain(
         "seq_length": seq_length,
     }
     if average_last > 1:
-        weights = average_checkpoints(out, average_last)
+        # Only rank 0 holds the checkpoints: it averages them and hands the result over.
+        averaged: dict[str, mx.array] = {}
+        check_on_rank0(lambda: averaged.update(average_checkpoints(out, average_last)))
+        weights = weights_from_rank0(averaged or None, model, mx.distributed.init())
         model.load_weights(list(weights.items()))
         if rank0:
             mx.save_safetensors(str(out / WEIGHTS), weights)

@@ -48,7 +48,8 @@ class TrainingArgs:
     learning_rate: float = 3e-4
     warmup_steps: int = 100  # the paper warms up 1000 steps, over far longer runs
     min_lr_ratio: float = 0.1  # cosine ends at 10% of the peak
-    weight_decay: float = 0.0  # the paper: 0 for LoRA, 0.1 for pretraining
+    weight_decay: float = 0.0  # the paper: 0 for LoRA, 0.1 for pretraining (matrices only)
+    z_loss: float = 0.0  # CoreNet's OpenELM pretraining: 1e-4 x log(Z)^2 keeps logits in range
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 turns clipping off
     max_seq_length: int = 2048
@@ -70,6 +71,8 @@ class TrainingArgs:
                 f"warmup_steps ({self.warmup_steps}) must be below iters ({self.iters}): "
                 "lower the warm-up or train longer"
             )
+        if self.z_loss < 0 or self.weight_decay < 0:
+            raise UserError("z_loss and weight_decay must not be negative")
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("learning_rate must be positive and min_lr_ratio in [0, 1]")
         check_seed(self.seed)
@@ -79,16 +82,22 @@ class TrainingArgs:
 
 
 def masked_loss(
-    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array
+    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, z_loss: float = 0.0
 ) -> tuple[mx.array, mx.array]:
     """Cross-entropy SUMMED over the masked positions, and their count.
 
     The step divides by the token count of the whole global batch, so the gradient is the same
-    whatever the split over micro-batches and ranks.
+    whatever the split over micro-batches and ranks. `z_loss` adds `z_loss * logsumexp(logits)^2`
+    per target (PaLM's; CoreNet's `use_z_loss`), pulling the softmax normaliser towards 1.
     """
     logits = model(inputs)
-    ce = kernels.cross_entropy(logits, targets) * mask
-    return ce.astype(mx.float32).sum(), mask.sum()
+    ce = kernels.cross_entropy(logits, targets)
+    if z_loss:
+        # logsumexp from the loss the kernel computed (ce = lse - logits[target]): no second pass
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        lse = ce.astype(mx.float32) + picked.astype(mx.float32)
+        ce = ce + z_loss * lse**2
+    return (ce * mask).astype(mx.float32).sum(), mask.sum()
 
 
 def make_schedule(args: TrainingArgs) -> Callable[[mx.array], mx.array]:
@@ -101,8 +110,18 @@ def make_schedule(args: TrainingArgs) -> Callable[[mx.array], mx.array]:
     return optim.join_schedules([warmup, cosine], [w])
 
 
+class MatrixDecayAdamW(optim.AdamW):
+    """AdamW that decays matrices only: norm gains (and any 1-D parameter) are left alone, as
+    CoreNet's `no_decay_bn_filter_bias` and nanoGPT's `configure_optimizers` do."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim < 2:
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
 def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
-    return optim.AdamW(
+    return MatrixDecayAdamW(
         learning_rate=make_schedule(args),
         betas=list(args.adam_betas),
         weight_decay=args.weight_decay,
@@ -250,7 +269,9 @@ def train(
     if not resume and writer:
         (out_dir / METRICS).unlink(missing_ok=True)
 
-    loss_and_grad = nn.value_and_grad(model, loss)
+    # The z-loss shapes training only: validation reports the plain cross-entropy.
+    train_loss = partial(loss, z_loss=args.z_loss) if args.z_loss else loss
+    loss_and_grad = nn.value_and_grad(model, train_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
