@@ -85,15 +85,23 @@ def template_for_convert(source: str | Path, option: str = "auto") -> tuple[str 
     return read_template_option(option), f"{option} (--chat-template)"
 
 
-def template_for_chat(model: str, folder: str | Path, option: str | None = None) -> tuple[str, str]:
-    """The template `chat` and `generate --chat` use: `--chat-template`, else the folder's, else
-    OpenELM's for a folder named `-Instruct` (mlx-community's carry none).
+def template_for_chat(
+    model: str,
+    folder: str | Path,
+    option: str | None = None,
+    adapter_path: str | Path | None = None,
+) -> tuple[str, str]:
+    """The template `chat` and `generate --chat` use: `--chat-template`, else the one the adapters
+    were trained with, else the folder's, else OpenELM's for a folder named `-Instruct`
+    (mlx-community's carry none).
 
     Raises:
         ValueError: for a base model (no template anywhere), with what to do instead.
     """
     if option is not None:
         return read_template_option(option), "--chat-template"
+    if adapter_path is not None and (template := adapter_template(adapter_path)) is not None:
+        return template, "the adapters' training"
     if (template := folder_template(folder)) is not None:
         return template, "the model folder"
     if looks_instruct(model) or looks_instruct(folder):
@@ -104,6 +112,21 @@ def template_for_chat(model: str, folder: str | Path, option: str | None = None)
         f"continue text with a base model, or pass --chat-template {OPENELM} to chat in the "
         "Instruct format anyway"
     )
+
+
+def adapter_template(adapter_path: str | Path) -> str | None:
+    """The template `mlx-openelm lora` formatted the chats with (in `adapter_config.json`)."""
+    config = Path(adapter_path) / "adapter_config.json"
+    doc = read_json(config) if config.is_file() else {}
+    return doc.get("chat_template") if isinstance(doc, dict) else None
+
+
+def template_for_training(folder: str | Path, option: str | None = None) -> str:
+    """The template that formats `messages` records: `--chat-template`, else the folder's, else
+    OpenELM's (a base model learns the Instruct format)."""
+    if option is not None:
+        return read_template_option(option)
+    return folder_template(folder) or CHAT_TEMPLATE
 
 
 def _raise(message: str) -> None:
@@ -129,11 +152,11 @@ class ChatTemplate:
             self.template = env.from_string(source)
         except jinja2.TemplateError as e:
             raise UserError(f"The chat template does not compile: {e}") from None
-        sp = tokenizer.sp
+        sp = getattr(tokenizer, "sp", tokenizer)  # a raw SentencePieceProcessor works too
         self.tokens: dict[str, Any] = {
-            "bos_token": sp.id_to_piece(tokenizer.bos_id),
-            "eos_token": sp.id_to_piece(tokenizer.eos_id),
-            "unk_token": sp.id_to_piece(tokenizer.unk_id),
+            "bos_token": sp.id_to_piece(sp.bos_id()),
+            "eos_token": sp.id_to_piece(sp.eos_id()),
+            "unk_token": sp.id_to_piece(sp.unk_id()),
             "pad_token": None,
         }
         self.source = source

@@ -265,6 +265,12 @@ def lora(
     val_batches: ValBatches = 25,
     steps_per_save: StepsPerSave = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue adapter-path's run")] = False,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Formats messages records, as in chat (default: the folder's, else openelm)"
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune LoRA/DoRA adapters with the paper's recipe (Ctrl-C saves; --resume continues)."""
     from .train.lora import lora as train_lora
@@ -277,7 +283,7 @@ def lora(
         learning_rate=learning_rate, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay, grad_clip=grad_clip, grad_checkpoint=grad_checkpoint,
         seed=seed, steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
-        val_batches=val_batches, steps_per_save=steps_per_save,
+        val_batches=val_batches, steps_per_save=steps_per_save, chat_template=chat_template,
     )  # fmt: skip
 
 

@@ -39,6 +39,10 @@ def save_model(
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# What `load` fetches of a Hub repo: a model folder's files, nothing else.
+PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+
+
 def load_config(folder: str | Path) -> ModelArgs:
     return ModelArgs.from_file(Path(folder) / "config.json")
 
@@ -61,8 +65,7 @@ def load(
     Returns:
         (model, tokenizer, config); tokenizer is None when the folder has none.
     """
-    patterns = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
-    folder = hub.resolve(path, allow_patterns=patterns)
+    folder = hub.resolve(path, allow_patterns=PATTERNS)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: is it an MLX model folder?")
     args = load_config(folder)  # validates model_type and shapes with a clear message

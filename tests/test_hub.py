@@ -363,6 +363,30 @@ class Teacher(nn.Module):
         return mx.eye(self.vocab)[mx.array(nxt)][None] * 100
 
 
+def test_training_tokens_equal_transformers_apply_chat_template(converted, tokenizer):
+    """A `messages` record trains on transformers' ids for the conversation, and each reply's
+    targets start where transformers' prompt for that reply ends."""
+    from transformers import AutoTokenizer
+
+    from mlx_openelm.chat_template import template_for_training
+    from mlx_openelm.train.data import tokenize
+
+    out, _, proc = converted
+    assert proc.returncode == 0, proc.stderr
+    hf = AutoTokenizer.from_pretrained(out)
+    chat = MESSAGES[:5]  # ends with a reply
+    [(ids, mask)], _ = tokenize([{"messages": chat}], tokenizer, 512, template_for_training(out))
+    full = hf.apply_chat_template(chat, return_dict=False)
+    assert ids.tolist() == full[: len(ids)] and ids[-1] == tokenizer.eos_id
+    assert hf.decode(full[len(ids) :]).strip() == ""  # only the newline after the last EOS
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+    prompts = [
+        hf.apply_chat_template(chat[:k], add_generation_prompt=True, return_dict=False)
+        for k in (2, 4)
+    ]
+    assert starts == [len(p) for p in prompts] and not mask[: starts[0]].any()
+
+
 def test_chat_session_ids_equal_transformers_apply_chat_template(converted, tokenizer):
     """Three turns with a system prompt: the ids our session feeds the model (each turn's new
     tokens, then the reply as generated) are exactly transformers' ids for the conversation."""

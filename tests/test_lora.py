@@ -224,6 +224,37 @@ def test_a_short_run_warms_up_for_a_share_of_it(base_folder, tmp_path):
     assert r.exit_code == 1 and "warmup_steps (40) must be below iters (30)" in r.output
 
 
+def test_a_custom_chat_template_trains_chats_and_fuses_alike(base_folder, tmp_path):
+    from mlx_openelm.chat_template import template_for_chat
+
+    custom = tmp_path / "custom.jinja"
+    custom.write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    )
+    adapters = tmp_path / "adapters"
+    r = CliRunner().invoke(
+        app,
+        ["lora", "--model", str(base_folder), "--data", str(DATA), "--rank", "4", "--iters", "2",
+         "--batch-size", "8", "--steps-per-eval", "0", "--adapter-path", str(adapters),
+         "--chat-template", str(custom)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # chat and generate --chat with these adapters format turns as training did.
+    assert template_for_chat(str(base_folder), base_folder, None, adapters) == (
+        custom.read_text(),
+        "the adapters' training",
+    )
+    assert template_for_chat(str(base_folder), base_folder, None)[0] != custom.read_text()
+    r = CliRunner().invoke(
+        app,
+        ["fuse", "--model", str(base_folder), "--adapter-path", str(adapters),
+         "--out", str(tmp_path / "fused")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert folder_template(tmp_path / "fused") == custom.read_text()
+
+
 def test_loading_with_adapters_imports_no_training_code(trained, base_folder):
     # Inference stays light: no trainer, watchdog, checkpoints or rich progress bars.
     script = (

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlx_openelm.chat_template import ChatTemplate, encode_conversation
+from mlx_openelm.errors import UserError
+from mlx_openelm.tokenizer import CHAT_TEMPLATE
 from mlx_openelm.train import data
 from mlx_openelm.train.data import (
     batch_indices,
     collate,
-    encode_chat,
     encode_segments,
     eval_batches,
     load_data_folder,
@@ -30,8 +32,8 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def encode(tokenizer, record):
-    return encode_segments(tokenizer, record_segments(record))
+def encode(tokenizer, record, template=CHAT_TEMPLATE):
+    return encode_segments(tokenizer, record_segments(record, ChatTemplate(template, tokenizer)))
 
 
 def targets_text(tokenizer, ids, mask) -> list[str]:
@@ -157,12 +159,50 @@ def test_chat_mask_covers_assistant_turns_only(tokenizer):
     assert int((ids[mask] == tokenizer.eos_id).sum()) == 2  # user/system EOS are not targets
 
 
-def test_chat_prompt_matches_the_chat_module(tokenizer):
-    from mlx_openelm import chat
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who is Anne?"},
+    {"role": "assistant", "content": "Sir Walter's daughter."},
+    {"role": "user", "content": "Where does she live?"},
+    {"role": "assistant", "content": "At Kellynch."},
+]
+# A template of the user's own: other role markers, EOS only after replies, text after them.
+CUSTOM = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{{ 'ANSWER: ' + m['content'] + eos_token + ' (end)\n' }}{% else %}"
+    "{{ m['role'] | upper + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ANSWER:' }}{% endif %}"
+)
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
-    want = tokenizer.encode(chat.format_turn("Hello?", system="Be brief."), special=True)
-    assert encode_chat(tokenizer, messages) == want
+
+@pytest.mark.parametrize("source", [CHAT_TEMPLATE, CUSTOM], ids=["openelm", "custom"])
+def test_training_tokens_are_chat_prompts_then_replies(tokenizer, source):
+    """What precedes each reply in a training example is exactly the prompt `chat` feeds the
+    model for that turn (the same template), and the targets are the replies with their EOS."""
+    template = ChatTemplate(source, tokenizer)
+    [(ids, mask)], _ = tokenize([{"messages": CHAT}], tokenizer, 512, chat_template=source)
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+    for start, k in zip(starts, [2, 4], strict=True):
+        assert ids[:start].tolist() == encode_conversation(tokenizer, template, CHAT[:k])
+    text = template.render(CHAT, add_generation_prompt=False)
+    text = text[: text.rindex("</s>") + 4]  # nothing after the last reply is trained on
+    assert ids.tolist() == tokenizer.encode(text, add_bos=False, special=True)
+    replies = targets_text(tokenizer, ids, mask)
+    assert [r.strip() for r in replies] == ["Sir Walter's daughter.</s>", "At Kellynch.</s>"]
+
+
+def test_a_custom_template_changes_the_training_tokens(tokenizer):
+    default, _ = tokenize([{"messages": CHAT}], tokenizer, 512)
+    custom, _ = tokenize([{"messages": CHAT}], tokenizer, 512, chat_template=CUSTOM)
+    assert default[0][0].tolist() != custom[0][0].tolist()
+    assert default[0][0].tolist() == encode(tokenizer, {"messages": CHAT})[0].tolist()
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    # Marks the last message, so earlier text changes as the conversation grows.
+    moving = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    with pytest.raises(UserError, match="differently once later messages follow"):
+        tokenize([{"messages": CHAT}], tokenizer, 512, chat_template=moving)
 
 
 def test_raw_sentencepiece_works_too(spm_model, tokenizer):

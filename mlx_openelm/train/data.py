@@ -3,8 +3,8 @@
 Three record formats, one per line (they may be mixed in a file):
 - `{"text": ...}`: loss on every token.
 - `{"prompt": ..., "completion": ...}`: loss on the completion (and the closing EOS) only.
-- `{"messages": [{"role": ..., "content": ...}, ...]}`: OpenELM's chat format, loss on the
-  assistant turns (and the EOS that closes each) only.
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: rendered by the chat template (OpenELM's
+  by default), loss on the assistant turns (and the EOS that closes each) only.
 
 Batches are a pure function of (seed, batch index), so a resumed run and every rank of a
 data-parallel run see exactly the examples an uninterrupted single process would.
@@ -18,7 +18,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..chat_template import ChatTemplate
 from ..errors import UserError, parse_json_line, read_text
+from ..tokenizer import CHAT_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "valid", "test")
@@ -136,32 +138,55 @@ BOS, EOS = Special("<s>"), Special("</s>")
 Segment = tuple[str, bool]
 
 
-def chat_segments(
-    messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
-) -> list[Segment]:
-    """OpenELM's chat format as segments; `</s>` is the EOS token, not text.
+def chat_segments(messages: Sequence[dict[str, str]], template: ChatTemplate) -> list[Segment]:
+    """A conversation as its chat template renders it, cut into segments.
 
-    `<|system|>\\n{system}</s>\\n<|user|>\\n{message}</s>\\n<|assistant|>\\n{reply}</s>...`;
-    only the assistant replies and their closing EOS are targets.
+    The targets are what the template adds for each assistant message (the text between
+    rendering the turns before it with the generation prompt and rendering it too), up to and
+    including its last `</s>`: what follows an EOS is never generated. Text after the last reply
+    teaches nothing and is left out. `<s>`/`</s>` become the BOS/EOS ids, as in `chat`.
     """
-    segments: list[Segment] = [(BOS, False)]
+    full = template.render(list(messages), add_generation_prompt=False)
+    eos = template.tokens["eos_token"]
+    spans = []
     for i, m in enumerate(messages):
-        header = ("\n" if i else "") + f"<|{m['role']}|>\n"
-        if m["role"] == "assistant":
-            segments += [(header, False), (m["content"], True), (EOS, True)]
-        else:
-            segments += [(header + m["content"], False), (EOS, False)]
-    if add_generation_prompt:
-        segments.append(("\n<|assistant|>\n", False))
+        if m["role"] != "assistant":
+            continue
+        start = template.render(list(messages[:i]), add_generation_prompt=True)
+        end = template.render(list(messages[: i + 1]), add_generation_prompt=False)
+        if not (end.startswith(start) and full.startswith(end)):
+            raise UserError(
+                f"the chat template renders messages[:{i}] differently once later messages "
+                "follow, so the assistant replies cannot be found in it for the loss mask: "
+                "train with a template whose rendering only grows (--chat-template)"
+            )
+        cut = end.rfind(eos, len(start))
+        spans.append((len(start), cut + len(eos) if cut >= 0 else len(end)))
+    full = full[: spans[-1][1]] if spans else full
+    specials = {template.tokens["bos_token"]: BOS, eos: EOS}
+    # Cut at every span edge and around every special token, then tag each piece.
+    edges = {0, len(full), *(e for span in spans for e in span)}
+    for token in specials:
+        at = full.find(token)
+        while at >= 0:
+            edges |= {at, at + len(token)}
+            at = full.find(token, at + len(token))
+    bounds = sorted(edges)
+    segments: list[Segment] = []
+    for a, b in zip(bounds, bounds[1:]):
+        piece, target = full[a:b], any(s <= a < e for s, e in spans)
+        segments.append((specials.get(piece, piece), target))
     return segments
 
 
-def record_segments(record: dict[str, Any]) -> list[Segment]:
+def record_segments(record: dict[str, Any], template: ChatTemplate | None = None) -> list[Segment]:
     if "text" in record:
         return [(BOS, False), (record["text"], True), (EOS, True)]
     if "prompt" in record:
         return [(BOS, False), (record["prompt"], False), (record["completion"], True), (EOS, True)]
-    return chat_segments(record["messages"])
+    if template is None:
+        raise ValueError("a messages record needs a chat template")
+    return chat_segments(record["messages"], template)
 
 
 def _encode(tokenizer: TokenizerLike, text: str, bos: int) -> list[int]:
@@ -215,24 +240,25 @@ def encode_segments(tokenizer: TokenizerLike, segments: Sequence[Segment]) -> Ex
     return np.array(ids, dtype=np.int32), np.array(mask, dtype=bool)
 
 
-def encode_chat(
-    tokenizer: TokenizerLike, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
-) -> list[int]:
-    """Token ids of a chat in OpenELM's format (for prompting), BOS first."""
-    return encode_segments(tokenizer, chat_segments(messages, add_generation_prompt))[0].tolist()
-
-
 def tokenize(
-    records: Sequence[dict[str, Any]], tokenizer: TokenizerLike, max_seq_length: int
+    records: Sequence[dict[str, Any]],
+    tokenizer: TokenizerLike,
+    max_seq_length: int,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> tuple[list[Example], dict[str, int]]:
     """Tokenise records, truncating each to `max_seq_length` inputs (+1 for the last target).
+
+    `chat_template` (Jinja source) formats the `messages` records, as `chat` formats prompts.
 
     Returns:
         (examples, stats): stats counts `truncated` examples and `empty` ones (no target left).
     """
     examples, truncated, empty = [], 0, 0
+    template = None
+    if any("messages" in r for r in records):
+        template = ChatTemplate(chat_template, tokenizer)
     for record in records:
-        ids, mask = encode_segments(tokenizer, record_segments(record))
+        ids, mask = encode_segments(tokenizer, record_segments(record, template))
         if len(ids) > max_seq_length + 1:
             ids, mask = ids[: max_seq_length + 1], mask[: max_seq_length + 1]
             truncated += 1

@@ -25,10 +25,10 @@ from ..adapters import (
     apply_lora,
     fuse_adapters,
 )
-from ..chat_template import folder_template
+from ..chat_template import adapter_template, folder_template, template_for_training
 from ..errors import UserError, read_json
 from ..files import atomic_folder
-from ..loading import load, save_model
+from ..loading import PATTERNS, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
@@ -55,6 +55,7 @@ def lora(
     resume: bool = False,
     progress: bool = True,
     tokenizer: TokenizerLike | None = None,
+    chat_template: str | None = None,
     **training: Any,
 ) -> dict[str, Any]:
     """Fine-tune adapters on `data` (`train.jsonl`, `valid.jsonl`) and save them in `adapter_path`.
@@ -71,6 +72,8 @@ def lora(
         resume: continue from the last checkpoint in `adapter_path`.
         progress: show the live bar.
         tokenizer: overrides the model folder's tokenizer.
+        chat_template: formats `messages` records (`openelm`, a file or the template text);
+          default the model folder's, else OpenELM's. Pass the same to `chat`.
         training: `TrainingArgs` fields (iters, batch_size, learning_rate, ...); without
           `warmup_steps` the warm-up is 10% of the run, at most `MAX_WARMUP`.
 
@@ -98,8 +101,9 @@ def lora(
     splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
     base, model_tokenizer, model_args = load(model)
     tokenizer = tokenizer or require_tokenizer(model_tokenizer, model)
-    train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length)
-    val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length)
+    template = template_for_training(hub.resolve(model, allow_patterns=PATTERNS), chat_template)
+    train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length, template)
+    val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length, template)
     if not train_set:
         raise UserError(f"{data}/train.jsonl has no example with a target left to learn")
     if epochs is not None:
@@ -148,6 +152,8 @@ def lora(
         )
         adapter_path.mkdir(parents=True, exist_ok=True)
         record = {**config, "base_model": str(model), "training": asdict(args)}
+        if chat_template is not None:  # then chat, generate --chat and fuse use it too
+            record["chat_template"] = template
         (adapter_path / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return train(
         base,
@@ -190,16 +196,15 @@ def fuse(
         quantization = read_json(folder / "config.json").get("quantization")
     fused = fuse_adapters(base, dequantize=dequantize)
     tokenizer_file = folder / "tokenizer.model"
+    template = adapter_template(adapter_path) or folder_template(folder)
     with atomic_folder(out) as tmp:
         save_model(tmp, fused, model_args, quantization=quantization)
         if tokenizer_file.is_file():
-            write_tokenizer_files(
-                tmp, tokenizer_file, model_args.max_context_length, folder_template(folder)
-            )
+            write_tokenizer_files(tmp, tokenizer_file, model_args.max_context_length, template)
     if export_hf_path is not None:
         if quantization:  # fuse into the float weights, not into re-quantised ones
             fused = fuse_adapters(load(folder, adapter_path=adapter_path)[0], dequantize=True)
         export_hf(
             fused, model_args, export_hf_path, dtype=hf_dtype, tokenizer_file=tokenizer_file,
-            chat_template=folder_template(folder),
+            chat_template=template,
         )  # fmt: skip
