@@ -10,10 +10,12 @@ SentencePiece alone spells `</s>` out as plain characters (with the test model: 
 as transformers' tokenizer does (tests/test_tokenizer.py checks this). The model ends its replies
 with that same EOS.
 
-The format comes from a chat template (see chat_template.py): `--chat-template`, else the model
-folder's (`tokenizer_config.json`, where convert writes OpenELM's for an Instruct model), else
-OpenELM's for a folder named `-Instruct`; a base model is refused with a hint. The template is
-rendered with jinja2 as transformers renders it, so mlx-lm and transformers users get the same ids.
+The format comes from a chat template (see chat_template.py): `--chat-template`, else the one
+the adapters were trained with, else the model folder's (`tokenizer_config.json`, where convert
+writes OpenELM's for an Instruct model), else OpenELM's for a folder named `-Instruct`; a base
+model is refused with a hint. The template is
+rendered with jinja2 as transformers renders it, so mlx-lm and transformers users get the same ids,
+and `mlx-openelm lora` renders its `messages` records with the same template.
 
 Each turn keeps the KV cache of the conversation so far and prefills only the new turn's tokens:
 the whole conversation is rendered again and only the text past what the cache already holds
@@ -29,32 +31,17 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from .chat_template import ChatTemplate, template_for_chat
-from .errors import UserError, check_seed, check_utf8
-from .generate import (
-    DEFAULT_REPETITION_PENALTY,
-    GenerationResponse,
-    load_for_generation,
-    make_sampling,
-    stream_generate,
-)
+from .chat_template import ChatTemplate
+from .errors import UserError, check_utf8
+from .generate import GenerationResponse, stream_generate
+from .prepare import prepare
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 PROMPT = ">>> "
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
-
-
-def format_turn(message: str, system: str | None = None, first: bool = True) -> str:
-    """One user turn in OpenELM's Instruct format, up to the start of the reply (the `</s>` are
-    EOS ids); what the built-in template renders for that turn, BOS aside."""
-    turn = f"<|user|>\n{message}</s>\n<|assistant|>\n"
-    if not first:
-        return "\n" + turn  # right after the previous reply's `</s>`
-    return f"<|system|>\n{system}</s>\n{turn}" if system else turn
 
 
 class ChatSession:
@@ -212,42 +199,28 @@ def run(
     *,
     system: str | None = None,
     max_tokens: int = 512,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    seed: int | None = None,
-    adapter_path: str | None = None,
     chat_template: str | None = None,
+    **options: Any,
 ) -> None:
     """`mlx-openelm chat`: read messages from the terminal, stream the replies.
 
-    `chat_template` (`openelm`, a file or the template text) wins over the folder's template.
+    `chat_template` (`openelm`, a file or the template text) wins over the folder's template;
+    `options` are `prepare`'s (sampling, seed, adapter_path).
     """
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
-    make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
-    check_seed(seed)
-    check_utf8(system or "", "--system")
-    m, tokenizer = load_for_generation(model, adapter_path)
-    source, origin = template_for_chat(model, tokenizer.path.parent, chat_template)
-    template = ChatTemplate(source, tokenizer)
-    sampler, processors = make_sampling(
-        temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
-    )
-    if seed is not None:
-        mx.random.seed(seed)
+    p = prepare(
+        model, max_tokens=max_tokens, system=system, chat=True, chat_template=chat_template,
+        **options,
+    )  # fmt: skip
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     session = ChatSession(
-        m, tokenizer, system=system, max_tokens=max_tokens, template=template, sampler=sampler,
-        logits_processors=processors,
+        p.model, p.tokenizer, system=system, max_tokens=max_tokens, template=p.template,
+        sampler=p.sampler, logits_processors=p.processors,
     )  # fmt: skip
     print(
-        f"Chatting with {Path(model).name} (chat template: {origin}). {HELP}",
+        f"Chatting with {Path(model).name} (chat template: {p.template_origin}). {HELP}",
         file=sys.stderr,
         flush=True,
     )

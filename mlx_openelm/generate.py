@@ -1,15 +1,17 @@
 """Text generation in three layers, as in mlx-lm: `generate_step` (token ids) -> `stream_generate`
 (text pieces, timing, stop conditions) -> `generate` (the whole text). `run` is the CLI command.
 
-Sampling, repetition penalty, the KV cache and the streaming detokenizer are mlx-lm's.
+Sampling, repetition penalty, the KV cache and the streaming detokenizer are mlx-lm's. The step
+is our own because `chat` reuses one KV cache across turns: ours also feeds the last token to the
+model, so the cache holds the prompt and every token yielded, where mlx-lm's stops one short at
+`max_tokens` (a reply cut at the length limit would then lose its last token).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import UserError, check_seed, check_utf8
-from .tokenizer import Tokenizer, require_tokenizer
-
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-# The OpenELM model cards generate with repetition_penalty=1.2.
-DEFAULT_REPETITION_PENALTY = 1.2
+from .chat_template import encode_conversation
+from .errors import UserError, check_utf8
+from .prepare import LogitsProcessor, Sampler, prepare
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -256,149 +253,44 @@ def report(r: GenerationResponse) -> str:
     return "\n".join(lines)
 
 
-def make_sampling(
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    vocab_size: int | None = None,
-) -> tuple[Sampler, list[LogitsProcessor]]:
-    """Check sampling options and build mlx-lm's sampler and logits processors from them.
-
-    temp 0 is greedy; top_p 1, top_k 0, min_p 0 and repetition_penalty 1 switch those off.
-    """
-    checks = [
-        (math.isfinite(temp) and temp >= 0, f"temp must be >= 0 (0 is greedy), got {temp}"),
-        (0 < top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {top_p}"),
-        (top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {top_k}"),
-        (0 <= min_p <= 1, f"min_p must be in [0, 1] (0 turns it off), got {min_p}"),
-        (
-            math.isfinite(repetition_penalty) and repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if vocab_size is not None and top_k >= vocab_size:
-        top_k = 0  # keeping every token is no filter (and mlx-lm's top-k rejects it)
-    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    penalty = None if repetition_penalty == 1 else repetition_penalty
-    return sampler, make_logits_processors(repetition_penalty=penalty)
-
-
-def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
-    """Hints when MLX runs on the CPU without what makes it fast there.
-
-    On the CPU, float32 goes through the BLAS and the native kernels (`kernels`), and quantised
-    weights through the kernels when float32 is all around them; 16-bit activations take MLX's own
-    scalar code, ~7x slower (measured figures: README, "Native CPU kernels"). Without a BLAS
-    library to load (`_blas.py`), MLX on Linux uses its bundled reference BLAS, ~30x slower.
-    """
-    from mlx.utils import tree_flatten
-
-    from . import _blas, kernels
-
-    if mx.default_device() != mx.cpu:
-        return []
-    notes = []
-    if sys.platform.startswith("linux") and _blas.loaded is None:
-        notes.append(
-            "MLX is running on its bundled reference BLAS, ~30x slower: `pip install mkl` "
-            "(x86-64) or `apt-get install libopenblas0-pthread`, unless MLX_OPENELM_BLAS=none "
-            "was meant"
-        )
-    params = tree_flatten(model.parameters())
-    quantised = any(key.endswith(".scales") for key, _ in params)
-    half = any(p.dtype in (mx.bfloat16, mx.float16) for _, p in params)
-    fast_quantised = quantised and not half and kernels.available()
-    kind = "16-bit" if half else "quantised" if quantised and not fast_quantised else None
-    if kind:
-        why = "" if half or sys.platform == "darwin" else f" (CPU kernels {kernels.status()})"
-        notes.append(
-            f"{name} has {kind} weights, which MLX's CPU back end runs ~7x slower than float32"
-            f"{why}: convert the original checkpoint with `--dtype float32` (the CPU default)"
-            + (" and -q" if quantised else "")
-            + " for speed"
-        )
-    return notes
-
-
-def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.Module, Tokenizer]:
-    """`load` a folder (and adapters) and insist on a tokenizer whose ids fit the vocabulary."""
-    from .loading import load
-
-    model, tokenizer, args = load(path, adapter_path=adapter_path)
-    tokenizer = require_tokenizer(tokenizer, path)
-    for note in cpu_speed_notes(model, path):
-        print(f"note: {note}", file=sys.stderr)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise UserError(
-            f"{path}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only "
-            f"{args.vocab_size} embeddings: is it the right tokenizer?"
-        )
-    return model, tokenizer
-
-
 def run(
     model: str,
     prompt: str,
     *,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    seed: int | None = None,
     stop: Sequence[str] = (),
-    adapter_path: str | None = None,
     chat: bool = False,
     system: str | None = None,
     chat_template: str | None = None,
+    **options: Any,
 ) -> GenerationResponse:
     """`mlx-openelm generate`: continue `prompt`, streaming to stdout; the report goes to stderr.
 
     With `chat`, `prompt` is a user message (after `system`, if given) formatted with the chat
     template (`chat_template`, else the folder's, as `mlx-openelm chat` does) and only the reply
-    is printed.
+    is printed. `options` are `prepare`'s (max_tokens, sampling, seed, adapter_path).
     """
     if not prompt:
         raise UserError("The prompt is empty: pass some text with --prompt")
-    check_utf8(prompt, "--prompt")
-    for text, what in [(system or "", "--system"), *((s, "--stop") for s in stop)]:
-        check_utf8(text, what)
-    check_seed(seed)
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not chat and (system is not None or chat_template is not None):
         raise UserError("--system and --chat-template format a chat: add --chat")
-    make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
-    m, tokenizer = load_for_generation(model, adapter_path)
+    for text, what in [(prompt, "--prompt"), *((s, "--stop") for s in stop)]:
+        check_utf8(text, what)
+    p = prepare(model, system=system, chat=chat, chat_template=chat_template, **options)
     ids: str | list[int] = prompt
     if chat:
-        from .chat_template import ChatTemplate, encode_conversation, template_for_chat
-
-        source, _ = template_for_chat(model, tokenizer.path.parent, chat_template)
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        ids = encode_conversation(tokenizer, ChatTemplate(source, tokenizer), messages)
-    sampler, processors = make_sampling(
-        temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
-    )
-    if seed is not None:
-        mx.random.seed(seed)
+        ids = encode_conversation(p.tokenizer, p.template, messages)
     mx.reset_peak_memory()
     stream = stream_generate(
-        m,
-        tokenizer,
+        p.model,
+        p.tokenizer,
         ids,
-        max_tokens=max_tokens,
+        max_tokens=p.max_tokens,
         stop=stop,
         trim_space=chat,
-        sampler=sampler,
-        logits_processors=processors,
+        sampler=p.sampler,
+        logits_processors=p.processors,
     )
     first = next(stream)  # raises the prompt/context errors before anything is printed
     print(("" if chat else prompt) + first.text, end="", flush=True)

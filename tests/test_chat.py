@@ -10,21 +10,13 @@ import time
 import pexpect
 from conftest import make_model_folder, tiny_model
 
-from mlx_openelm.chat import ChatSession, format_turn
+from mlx_openelm.chat import ChatSession
 
 STATUS = re.compile(
     r"\[prefill (\d+) new tokens \((\d+) cached\), [\d.]+ tokens/s \| reply (\d+) tokens, "
     r"[\d.]+ tokens/s \| context (\d+)/(\d+) \| ([a-z ]+)\]"
 )
 SYSTEM = "You are a helpful assistant."
-
-
-def test_format_turn():
-    assert format_turn("Hi", SYSTEM) == (
-        f"<|system|>\n{SYSTEM}</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
-    )
-    assert format_turn("Hi") == "<|user|>\nHi</s>\n<|assistant|>\n"
-    assert format_turn("Again", SYSTEM, first=False) == "\n<|user|>\nAgain</s>\n<|assistant|>\n"
 
 
 def test_session_turn_ids(tokenizer):
@@ -94,14 +86,15 @@ def interrupted_turn(child, message: str) -> tuple:
 
 def test_chat_repl(tiny_folder, tokenizer):
     child = spawn(tiny_folder, "--system", SYSTEM, "--max-tokens", "6")
-    first_ids = tokenizer.encode(format_turn("Hello there", SYSTEM), special=True)
+    first = f"<|system|>\n{SYSTEM}</s>\n<|user|>\nHello there</s>\n<|assistant|>\n"
+    first_ids = tokenizer.encode(first, special=True)
 
     new, cached, reply, used, context, reason = turn(child, "Hello there")
     assert (new, cached, reply, context, reason) == (len(first_ids), 0, 6, 512, "length limit")
     assert used == new + reply
 
     # The second turn prefills only its own tokens: EOS closing the cut-off reply, then the turn.
-    second = "</s>" + format_turn("And then?", first=False)
+    second = "</s>\n<|user|>\nAnd then?</s>\n<|assistant|>\n"
     want = len(tokenizer.encode(second, add_bos=False, special=True))
     new2, cached2, reply2, used2, _, _ = turn(child, "And then?")
     assert (new2, cached2) == (want, used)

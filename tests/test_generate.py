@@ -10,12 +10,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
-from mlx_openelm.generate import (
-    generate,
-    generate_step,
-    make_sampling,
-    stream_generate,
-)
+from mlx_openelm.generate import generate, generate_step, stream_generate
+from mlx_openelm.prepare import make_sampling
 
 PROMPT = "It was a truth universally acknowledged"
 
@@ -288,7 +284,7 @@ def test_cli_folder_without_tokenizer(tmp_path):
 
 def test_cpu_speed_notes_name_slow_weights_and_a_missing_blas(monkeypatch):
     from mlx_openelm import _blas, kernels
-    from mlx_openelm.generate import cpu_speed_notes
+    from mlx_openelm.prepare import cpu_speed_notes
 
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))  # as on a Mac's CPU too
     monkeypatch.setattr(_blas, "loaded", "libmkl_rt.so")
