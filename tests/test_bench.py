@@ -196,7 +196,7 @@ def test_reference_keeps_only_the_last_logits() -> None:
     # The PyTorch side of the bench computes only the logits it samples from, as MLX does.
     import torch
     from mlx_openelm.bench.reference import KVCache
-    from mlx_openelm.bench.torch_checkpoints import random_model
+    from torch_checkpoints import random_model
 
     model = random_model(TINY, seed=0)
     ids = torch.randint(3, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))

@@ -25,8 +25,8 @@ torch = pytest.importorskip(
     "torch", reason="the PyTorch reference needs torch (pip install .[reference])"
 )
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness (pip install .[eval])")
+import torch_checkpoints  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from mlx_openelm.bench import torch_checkpoints  # noqa: E402
 from mlx_openelm.convert import convert  # noqa: E402
 
 from mlx_openelm.cli import app  # noqa: E402

@@ -180,7 +180,8 @@ def test_prompt_errors(model, tokenizer):
 
 def test_greedy_matches_pytorch_reference(tokenizer):
     torch = pytest.importorskip("torch")
-    from mlx_openelm.bench import reference, torch_checkpoints
+    import torch_checkpoints
+    from mlx_openelm.bench import reference
 
     from mlx_openelm.model import Model
 

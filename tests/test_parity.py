@@ -17,7 +17,8 @@ import mlx_openelm
 torch = pytest.importorskip(
     "torch", reason="the PyTorch reference needs torch (pip install .[reference])"
 )
-from mlx_openelm.bench import reference, torch_checkpoints  # noqa: E402
+import torch_checkpoints  # noqa: E402
+from mlx_openelm.bench import reference  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from mlx_openelm.cli import app  # noqa: E402

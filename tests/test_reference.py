@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+import torch_checkpoints as C
 import yaml
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_openelm.bench import reference as R
-from mlx_openelm.bench import torch_checkpoints as C
 
 import mlx_openelm  # noqa: F401  (loads a fast BLAS before mlx.core)
 from mlx_openelm.config import ModelArgs, preset

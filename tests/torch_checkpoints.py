@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlx_openelm.bench.reference import DTYPE_NAMES, OpenELM, expand_config
 
 from mlx_openelm.errors import UserError
-
-from .reference import DTYPE_NAMES, OpenELM, expand_config
 
 # CoreNet's `gpt_configs` names for the released sizes (every other field is a default below).
 CORENET_MODELS: dict[str, dict[str, Any]] = {
