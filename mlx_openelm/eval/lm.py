@@ -12,7 +12,8 @@ import lm_eval.models  # noqa: F401  (lm-eval's own backends first: its registry
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
+from rich.console import Console
+from rich.progress import track
 
 from ..errors import UserError
 from ..tokenizer import Tokenizer, require_tokenizer
@@ -129,7 +130,9 @@ class MLXOpenELM(TemplateLM):
         from ..generate import generate
 
         out = []
-        for req in tqdm(requests, desc="Generating", disable=disable_tqdm):
+        for req in track(
+            requests, "Generating", disable=disable_tqdm, console=Console(stderr=True)
+        ):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs or {})
             until = kwargs.get("until") or []

@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
+from rich.console import Console
+from rich.progress import Progress
 
 from ..errors import UserError
 
@@ -157,29 +159,28 @@ def score(
 
     local = ScoreStats(requests=len(requests), groups=len(items), batches=len(batches))
     tic = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc="Scoring", unit="req")
-    for batch in batches:
-        logp, greedy = _score_batch(
-            model, [ctx for ctx, _ in batch], [[c for _, c in v] for _, v in batch]
-        )
-        mx.eval(logp, greedy)
-        idx = [i for _, v in batch for i, _ in v]
-        for i, lp, g in zip(idx, logp.tolist(), greedy.tolist(), strict=True):
-            out[i] = (lp, bool(g))
-        local.tokens += sum(len(ctx) + sum(len(c) - 1 for _, c in v) for ctx, v in batch)
-        if bar is not None:
-            bar.update(len(idx))
-        mx.clear_cache()
-    if bar is not None:
-        bar.close()
+    with _progress(progress) as bar:
+        task = bar.add_task("Scoring", total=len(requests))
+        for batch in batches:
+            logp, greedy = _score_batch(
+                model, [ctx for ctx, _ in batch], [[c for _, c in v] for _, v in batch]
+            )
+            mx.eval(logp, greedy)
+            idx = [i for _, v in batch for i, _ in v]
+            for i, lp, g in zip(idx, logp.tolist(), greedy.tolist(), strict=True):
+                out[i] = (lp, bool(g))
+            local.tokens += sum(len(ctx) + sum(len(c) - 1 for _, c in v) for ctx, v in batch)
+            bar.advance(task, len(idx))
+            mx.clear_cache()
     local.seconds = time.perf_counter() - tic
     if stats is not None:
         stats.add(local)
     return out
+
+
+def _progress(enabled: bool) -> Progress:
+    """A bar on stderr (stdout may carry the report), as lm-eval's own bars are."""
+    return Progress(console=Console(stderr=True), disable=not enabled)
 
 
 def rolling_windows(
