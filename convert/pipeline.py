@@ -40,7 +40,7 @@ def _mb(n: float) -> str:
 
 def default_dtype() -> str:
     """bfloat16 where MLX has a GPU (Metal, CUDA); float32 on a CPU, whose half-precision matmuls
-    are slow (measured 3-5 GFLOP/s against ~180 for fp32 with OpenBLAS)."""
+    are far slower than fp32 through the BLAS (README, "Native CPU kernels")."""
     return "bfloat16" if mx.metal.is_available() or mx.cuda.is_available() else "float32"
 
 

@@ -1,18 +1,16 @@
 """Point MLX's Linux CPU back end at an optimised BLAS.
 
-The `mlx[cpu]` wheel bundles the reference (netlib) BLAS: a 2048^2 fp32 matmul runs at ~5 GFLOP/s
-on a 2-core x86 VM. Loading a library that exports `cblas_*` with RTLD_GLOBAL before `mlx.core` is
+The `mlx[cpu]` wheel bundles the reference (netlib) BLAS, far slower than an optimised one (the
+figures: README, "Linux: the BLAS"). Loading a library that exports `cblas_*` with RTLD_GLOBAL before `mlx.core` is
 imported makes MLX bind to it. This must run before any `import mlx.core`, so
 `mlx_openelm/__init__.py` calls it first.
 
 MLX_OPENELM_BLAS picks: `auto` (default: MKL, else OpenBLAS, else BLIS), `mkl`, `openblas`,
 `blis`, `none`, or a path to a shared library. MKL comes from PyPI with this package on x86-64
 Linux, so no system package is needed. MLX sends every one-row product (each linear layer while
-decoding) to `cblas_sgemm`, and that is where the libraries differ most. Measured on the 2-core
-Ice Lake VM, a 32000x1280 fp32 weight times one row: MKL 25 GB/s, BLIS 12.5, Debian's OpenBLAS
-0.3.21 6.2 (it pads the row to a full tile); a 512x1280x5120 matmul: MKL 251 GFLOP/s, OpenBLAS
-129, BLIS 110. OpenBLAS preloaded this way also slowed PyTorch in the same process ~3x (its worker
-threads compete with torch's); MKL did not.
+decoding) to `cblas_sgemm`, where MKL measured fastest, then BLIS, then OpenBLAS (which pads the
+row to a full tile). OpenBLAS preloaded this way also slowed PyTorch in the same process (its
+worker threads compete with torch's); MKL did not.
 """
 
 from __future__ import annotations
