@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..convert.readers import read_safetensors
 from ..errors import UserError, read_json
@@ -140,3 +140,17 @@ def check_resume_args(saved: dict[str, Any], now: dict[str, Any]) -> None:
         raise UserError(
             "--resume needs the options of the run it continues; changed: " + ", ".join(diff)
         )
+
+
+def average_checkpoints(out_dir: str | Path, k: int, weights_file: str) -> dict:
+    """The mean of the last `k` checkpoints' weights (the paper averages its last five)."""
+    folders = [
+        f for f in sorted(Path(out_dir, CHECKPOINTS).glob("step_*")) if (f / "state.json").is_file()
+    ]
+    if len(folders) < k:
+        raise UserError(f"{out_dir} has {len(folders)} checkpoints, fewer than the {k} to average")
+    total = None
+    for f in folders[-k:]:
+        w = mx.load(str(f / weights_file))
+        total = w if total is None else tree_map(mx.add, total, w)
+    return {name: v / k for name, v in total.items()}

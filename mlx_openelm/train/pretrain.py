@@ -18,14 +18,14 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from ..config import PRESETS, ModelArgs
 from ..config import preset as preset_args
 from ..errors import UserError, check_seed, read_json
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
-from .checkpoint import CHECKPOINTS, check_run_folder, latest_checkpoint
+from .checkpoint import CHECKPOINTS, average_checkpoints, check_run_folder, latest_checkpoint
 from .distributed import check_on_rank0, guard, weights_from_rank0
 from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
@@ -124,20 +124,6 @@ def init_weights(model: Model, args: ModelArgs, seed: int = 0) -> None:
     mx.eval(model.parameters())
 
 
-def average_checkpoints(out_dir: str | Path, k: int, weights_file: str = WEIGHTS) -> dict:
-    """The mean of the last `k` checkpoints' weights (the paper averages its last five)."""
-    folders = [
-        f for f in sorted(Path(out_dir, CHECKPOINTS).glob("step_*")) if (f / "state.json").is_file()
-    ]
-    if len(folders) < k:
-        raise UserError(f"{out_dir} has {len(folders)} checkpoints, fewer than the {k} to average")
-    total = None
-    for f in folders[-k:]:
-        w = mx.load(str(f / weights_file))
-        total = w if total is None else tree_map(mx.add, total, w)
-    return {name: v / k for name, v in total.items()}
-
-
 def ngram_baselines(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> dict:
     """Perplexity of add-one unigram and interpolated bigram models on `val_tokens[1:]`.
 
@@ -205,6 +191,57 @@ def _tokenizer_for(
     return path
 
 
+def _training_args(training: dict[str, Any], seq_length: int, average_last: int) -> TrainingArgs:
+    """The pretraining recipe's `TrainingArgs`, with the caller's changes."""
+    opts = {**PRETRAIN_DEFAULTS, **training}
+    opts.setdefault("warmup_steps", min(1000, opts["iters"] // 10))
+    opts["max_seq_length"] = seq_length
+    if average_last > 1:
+        opts["keep_checkpoints"] = max(opts.get("keep_checkpoints", 2), average_last)
+    try:
+        return TrainingArgs(**opts)
+    except TypeError as e:
+        raise UserError(f"unknown training option: {e}") from None
+
+
+def _sequences(
+    docs: list[str],
+    tok: Tokenizer,
+    seq_length: int,
+    min_doc: tuple[int, int],
+    data: str | Path | None = None,
+) -> tuple[np.ndarray, list, dict[str, int]]:
+    """(tokens, packed sequences, stats) of the documents; `data` names the training set (None:
+    the validation documents) in the error when they fill no sequence."""
+    tokens, stats = encode_documents(docs, tok, *min_doc)
+    sequences = pack(tokens, seq_length)
+    if not sequences and data is not None:
+        raise UserError(
+            f"{data} gives {len(tokens)} training tokens after filtering ({stats['dropped']} "
+            f"documents dropped), fewer than one sequence of {seq_length + 1}: add text or lower "
+            "--seq-length / the minimum document length"
+        )
+    if docs and not sequences:
+        raise UserError(
+            f"the validation documents give {len(tokens)} tokens, fewer than one sequence of "
+            f"{seq_length + 1}: raise --val-fraction or lower --seq-length"
+        )
+    return tokens, sequences, stats
+
+
+def _load_average(model: Model, out: Path, k: int) -> None:
+    """Load the average of the last `k` checkpoints into `model` and save it as the weights.
+
+    Only rank 0 holds the checkpoints: it averages them and hands the result over.
+    """
+    averaged: dict[str, mx.array] = {}
+    check_on_rank0(lambda: averaged.update(average_checkpoints(out, k, WEIGHTS)))
+    weights = weights_from_rank0(averaged or None, model, mx.distributed.init())
+    model.load_weights(list(weights.items()))
+    if mx.distributed.init().rank() == 0:
+        mx.save_safetensors(str(out / WEIGHTS), weights)
+
+
 def pretrain(
     data: str | Path,
     out: str | Path,
@@ -262,15 +299,7 @@ def pretrain(
         check_out_folder(out, resume, overwrite, tokenizer)
 
     check_on_rank0(check_folders)  # the other machines need not see `out`
-    opts = {**PRETRAIN_DEFAULTS, **training}
-    opts.setdefault("warmup_steps", min(1000, opts["iters"] // 10))
-    opts["max_seq_length"] = seq_length
-    if average_last > 1:
-        opts["keep_checkpoints"] = max(opts.get("keep_checkpoints", 2), average_last)
-    try:
-        args = TrainingArgs(**opts)
-    except TypeError as e:
-        raise UserError(f"unknown training option: {e}") from None
+    args = _training_args(training, seq_length, average_last)
 
     # Everything a user can get wrong is checked before the model is built or a file written.
     rank0 = mx.distributed.init().rank() == 0
@@ -289,20 +318,9 @@ def pretrain(
         )
     if args.steps_per_eval == 0:
         val_docs = []
-    train_tokens, stats = encode_documents(train_docs, tok, min_doc_chars, min_doc_tokens)
-    val_tokens, _ = encode_documents(val_docs, tok, min_doc_chars, min_doc_tokens)
-    train_set, val_set = pack(train_tokens, seq_length), pack(val_tokens, seq_length)
-    if not train_set:
-        raise UserError(
-            f"{data} gives {len(train_tokens)} training tokens after filtering ({stats['dropped']} "
-            f"documents dropped), fewer than one sequence of {seq_length + 1}: add text or lower "
-            "--seq-length / the minimum document length"
-        )
-    if val_docs and not val_set:
-        raise UserError(
-            f"the validation documents give {len(val_tokens)} tokens, fewer than one sequence of "
-            f"{seq_length + 1}: raise --val-fraction or lower --seq-length"
-        )
+    min_doc = (min_doc_chars, min_doc_tokens)
+    train_tokens, train_set, stats = _sequences(train_docs, tok, seq_length, min_doc, data)
+    val_tokens, val_set, _ = _sequences(val_docs, tok, seq_length, min_doc)
 
     model = Model(model_args)
     init_weights(model, model_args, args.seed)
@@ -352,13 +370,7 @@ def pretrain(
         "seq_length": seq_length,
     }
     if average_last > 1:
-        # Only rank 0 holds the checkpoints: it averages them and hands the result over.
-        averaged: dict[str, mx.array] = {}
-        check_on_rank0(lambda: averaged.update(average_checkpoints(out, average_last)))
-        weights = weights_from_rank0(averaged or None, model, mx.distributed.init())
-        model.load_weights(list(weights.items()))
-        if rank0:
-            mx.save_safetensors(str(out / WEIGHTS), weights)
+        _load_average(model, out, average_last)
         summary["averaged_checkpoints"] = average_last
     if val_set:
         with guard(mx.distributed.init()):  # its losses are summed over the ranks

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -90,3 +91,44 @@ def plot_loss_curve(metrics: Path, png: Path) -> str | None:
     fig.savefig(png)
     plt.close(fig)
     return None
+
+
+class Window:
+    """Loss, tokens and time since the last report."""
+
+    def __init__(self) -> None:
+        self.loss, self.targets = mx.array(0.0), 0.0  # all ranks together
+        self.tokens, self.last_tokens, self.time = 0, 0, 0.0
+
+    def add(self, loss: mx.array, targets: float, tokens: int) -> None:
+        self.loss, self.targets = self.loss + loss, self.targets + targets
+        self.tokens, self.last_tokens = self.tokens + tokens, tokens
+
+    def mean_loss(self) -> float:
+        return self.loss.item() / self.targets if self.targets else float("nan")
+
+    def tokens_per_sec(self) -> float:
+        # Tokens of the whole global batch over rank 0's time: the sum of the ranks' rates.
+        return self.tokens / max(self.time, 1e-9)
+
+
+def report_window(
+    metrics: MetricsLog, bar: TrainProgress, window: Window, step_no: int, lr: float, norm: float
+) -> dict[str, float]:
+    """Write the train figures of the last window to the log and the bar; returns them."""
+    figures = {"train_loss": window.mean_loss(), "tokens_per_sec": window.tokens_per_sec()}
+    metrics.write(
+        {
+            "step": step_no,
+            "train_loss": figures["train_loss"],
+            "learning_rate": lr,
+            "tokens_per_sec": figures["tokens_per_sec"],
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "grad_norm": norm,
+        }
+    )
+    bar.print(
+        f"step {step_no}: train loss {figures['train_loss']:.3f}, lr {lr:.2e}, "
+        f"{figures['tokens_per_sec']:,.0f} tok/s, peak {mx.get_peak_memory() / 1e9:.2f} GB"
+    )
+    return figures

@@ -34,7 +34,7 @@ from .checkpoint import (
 from .data import Example, batch_indices, collate, eval_batches, num_input_tokens, shard
 from .distributed import check_on_rank0, fingerprint, guard, heartbeat, sync_from_rank0
 from .remat import keyed_blocks
-from .report import MetricsLog, TrainProgress, plot_loss_curve
+from .report import MetricsLog, TrainProgress, Window, plot_loss_curve, report_window
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
@@ -185,23 +185,93 @@ def _micro_seed(seed: int, micro_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, np.uint64)[0])
 
 
-class _Window:
-    """Loss, tokens and time since the last report."""
+def _start(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_set: Sequence[Example],
+    out_dir: Path,
+    args: TrainingArgs,
+    weights_file: str,
+    resume: bool,
+    group: mx.distributed.Group,
+) -> dict[str, Any]:
+    """Check the run, make `out_dir`, and restore a checkpoint (rank 0's, on every rank)."""
+    world, writer = group.size(), group.rank() == 0
+    if args.batch_size % world:
+        raise UserError(
+            f"batch size {args.batch_size} is not divisible by the {world} processes: "
+            "choose a multiple of the world size"
+        )
+    if len(train_set) == 0:
+        raise UserError("the training set is empty")
+    check_on_rank0(lambda: check_run_folder(out_dir, resume), group)
+    if writer:  # the only rank that reads or writes out_dir (other machines may lack it)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    optimizer.init(model.trainable_parameters())
+    meta: dict[str, Any] = {"step": 0, "trained_tokens": 0}
+    if resume and writer:
+        meta = resume_checkpoint(out_dir, weights_file, model, optimizer)
+        check_resume_args(meta.get("args", {}), asdict(args))
+    if world > 1:  # rank 0's state, whatever the world size of the run that saved it
+        with guard(group):
+            digest = fingerprint({**asdict(args), "w": weights_file}, train_set, model)
+            meta = sync_from_rank0(model, optimizer, meta, digest, group)
+    return meta
 
-    def __init__(self) -> None:
-        self.loss, self.targets = mx.array(0.0), 0.0  # all ranks together
-        self.tokens, self.last_tokens, self.time = 0, 0, 0.0
 
-    def add(self, loss: mx.array, targets: float, tokens: int) -> None:
-        self.loss, self.targets = self.loss + loss, self.targets + targets
-        self.tokens, self.last_tokens = self.tokens + tokens, tokens
+def _compiled_step(
+    model: nn.Module, optimizer: optim.Optimizer, loss: Callable, args: TrainingArgs
+) -> tuple[Callable, list]:
+    """One micro-step (forward, backward, accumulate; the update on the last), and its state."""
+    # The z-loss shapes training only: validation reports the plain cross-entropy.
+    train_loss = partial(loss, z_loss=args.z_loss) if args.z_loss else loss
+    loss_and_grad = nn.value_and_grad(model, train_loss)
+    state = [model.state, optimizer.state, mx.random.state]
 
-    def mean_loss(self) -> float:
-        return self.loss.item() / self.targets if self.targets else float("nan")
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets, mask, acc_grad, scale, do_update):
+        (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
+        if acc_grad is not None:
+            grad = tree_map(mx.add, grad, acc_grad)
+        if not do_update:
+            return loss_sum, grad, None
+        # Mean over ranks of per-rank sums, times world / global token count: the global mean.
+        grad = tree_map(lambda g: g * scale, average_gradients(grad))
+        norm = mx.array(0.0)
+        if args.grad_clip > 0:
+            grad, norm = optim.clip_grad_norm(grad, args.grad_clip)
+        optimizer.update(model, grad)
+        return loss_sum, None, norm
 
-    def tokens_per_sec(self) -> float:
-        # Tokens of the whole global batch over rank 0's time: the sum of the ranks' rates.
-        return self.tokens / max(self.time, 1e-9)
+    return step, state
+
+
+def _optimizer_step(
+    step: Callable,
+    state: list,
+    train_set: Sequence[Example],
+    args: TrainingArgs,
+    it: int,
+    group: mx.distributed.Group,
+) -> tuple[mx.array, float, int, mx.array]:
+    """Optimizer step `it` over its micro-batches: (loss sum, target count, input tokens, norm)."""
+    world, rank = group.size(), group.rank()
+    accum, n = args.grad_accumulation_steps, len(train_set)
+    # Every rank knows the whole global batch, so each can count all its target tokens.
+    batches = [batch_indices(n, args.batch_size, it * accum + m, args.seed) for m in range(accum)]
+    step_targets = float(sum(train_set[i][1][1:].sum() for b in batches for i in b))
+    scale = mx.array(world / max(step_targets, 1.0))
+    acc, step_loss = None, mx.array(0.0)
+    for m, global_idx in enumerate(batches):
+        local = [train_set[i] for i in shard(global_idx, rank, world)]
+        inputs, targets, mask = map(mx.array, collate(local))
+        mx.random.seed(_micro_seed(args.seed, it * accum + m, rank))
+        loss_sum, acc, norm = step(inputs, targets, mask, acc, scale, m == accum - 1)
+        step_loss = step_loss + loss_sum
+        mx.eval(state, step_loss, acc)
+        heartbeat()
+    tokens = sum(num_input_tokens([train_set[i] for i in b]) for b in batches)
+    return step_loss, step_targets, tokens, norm
 
 
 def train(
@@ -240,61 +310,18 @@ def train(
     args = args or TrainingArgs()
     out_dir = Path(out_dir)
     group = mx.distributed.init()
-    world, rank = group.size(), group.rank()
-    if args.batch_size % world:
-        raise UserError(
-            f"batch size {args.batch_size} is not divisible by the {world} processes: "
-            "choose a multiple of the world size"
-        )
-    if len(train_set) == 0:
-        raise UserError("the training set is empty")
-    writer = rank == 0  # the only rank that reads or writes out_dir (other machines may lack it)
-    check_on_rank0(lambda: check_run_folder(out_dir, resume), group)
-    if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
-
+    world, writer = group.size(), group.rank() == 0
     optimizer = make_optimizer(args)
-    optimizer.init(model.trainable_parameters())
-    meta: dict[str, Any] = {"step": 0, "trained_tokens": 0}
-    if resume and writer:
-        meta = resume_checkpoint(out_dir, weights_file, model, optimizer)
-        check_resume_args(meta.get("args", {}), asdict(args))
-    if world > 1:  # rank 0's state, whatever the world size of the run that saved it
-        with guard(group):
-            digest = fingerprint({**asdict(args), "w": weights_file}, train_set, model)
-            meta = sync_from_rank0(model, optimizer, meta, digest, group)
+    meta = _start(model, optimizer, train_set, out_dir, args, weights_file, resume, group)
     start = meta["step"]
+    validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
     metrics = MetricsLog(out_dir / METRICS if writer else None, start if resume else None)
     if not resume and writer:
         (out_dir / METRICS).unlink(missing_ok=True)
-
-    # The z-loss shapes training only: validation reports the plain cross-entropy.
-    train_loss = partial(loss, z_loss=args.z_loss) if args.z_loss else loss
-    loss_and_grad = nn.value_and_grad(model, train_loss)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs, targets, mask, acc_grad, scale, do_update):
-        (loss_sum, _), grad = loss_and_grad(model, inputs, targets, mask)
-        if acc_grad is not None:
-            grad = tree_map(mx.add, grad, acc_grad)
-        if not do_update:
-            return loss_sum, grad, None
-        # Mean over ranks of per-rank sums, times world / global token count: the global mean.
-        grad = tree_map(lambda g: g * scale, average_gradients(grad))
-        norm = mx.array(0.0)
-        if args.grad_clip > 0:
-            grad, norm = optim.clip_grad_norm(grad, args.grad_clip)
-        optimizer.update(model, grad)
-        return loss_sum, None, norm
+    step, state = _compiled_step(model, optimizer, loss, args)
 
     def save(step_no: int) -> None:
-        meta.update(
-            step=step_no,
-            args=asdict(args),
-            world_size=world,
-        )
+        meta.update(step=step_no, args=asdict(args), world_size=world)
         if writer:
             save_checkpoint(out_dir, weights_file, model, optimizer, meta, args.keep_checkpoints)
             heartbeat()
@@ -307,8 +334,7 @@ def train(
         bar.print(f"step {step_no}: val loss {val:.3f}")
         return val
 
-    accum, n = args.grad_accumulation_steps, len(train_set)
-    window = _Window()
+    window = Window()
     last: dict[str, Any] = {"train_loss": float("nan"), "val_loss": None, "tokens_per_sec": 0.0}
     if start >= args.iters:
         if writer:
@@ -322,29 +348,13 @@ def train(
             last["val_loss"] = run_eval(0)
         for it in range(start, args.iters):
             tic = time.perf_counter()
-            # Every rank knows the whole global batch, so each can count all its target tokens.
-            batches = [
-                batch_indices(n, args.batch_size, it * accum + m, args.seed) for m in range(accum)
-            ]
-            step_targets = float(sum(train_set[i][1][1:].sum() for b in batches for i in b))
-            scale = mx.array(world / max(step_targets, 1.0))
-            acc, step_loss = None, mx.array(0.0)
-            for m, global_idx in enumerate(batches):
-                local = [train_set[i] for i in shard(global_idx, rank, world)]
-                inputs, targets, mask = map(mx.array, collate(local))
-                mx.random.seed(_micro_seed(args.seed, it * accum + m, rank))
-                loss_sum, acc, norm = step(inputs, targets, mask, acc, scale, m == accum - 1)
-                step_loss = step_loss + loss_sum
-                mx.eval(state, step_loss, acc)
-                heartbeat()
+            step_loss, step_targets, tokens, norm = _optimizer_step(
+                step, state, train_set, args, it, group
+            )
             votes = mx.array(float(stop.requested))
             if world > 1:  # one small all-reduce: the global loss for the bar, and stop together
                 step_loss, votes = mx.distributed.all_sum(mx.stack([step_loss, votes]))
-            window.add(
-                step_loss,
-                step_targets,
-                sum(num_input_tokens([train_set[i] for i in b]) for b in batches),
-            )
+            window.add(step_loss, step_targets, tokens)
             window.time += time.perf_counter() - tic
             meta["trained_tokens"] += window.last_tokens
             step_no = it + 1
@@ -353,23 +363,8 @@ def train(
                 step_no, window.mean_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
             )
             if step_no % args.steps_per_report == 0 or step_no == args.iters:
-                last["train_loss"] = window.mean_loss()
-                last["tokens_per_sec"] = window.tokens_per_sec()
-                metrics.write(
-                    {
-                        "step": step_no,
-                        "train_loss": last["train_loss"],
-                        "learning_rate": lr,
-                        "tokens_per_sec": last["tokens_per_sec"],
-                        "peak_memory_bytes": mx.get_peak_memory(),
-                        "grad_norm": norm.item(),
-                    }
-                )
-                bar.print(
-                    f"step {step_no}: train loss {last['train_loss']:.3f}, lr {lr:.2e}, "
-                    f"{last['tokens_per_sec']:,.0f} tok/s, peak {mx.get_peak_memory() / 1e9:.2f} GB"
-                )
-                window = _Window()
+                last.update(report_window(metrics, bar, window, step_no, lr, norm.item()))
+                window = Window()
             if validate and (step_no % args.steps_per_eval == 0 or step_no == args.iters):
                 last["val_loss"] = run_eval(step_no)
             if on_step is not None:
