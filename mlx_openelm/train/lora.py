@@ -99,9 +99,10 @@ def lora(
     check_on_rank0(check_folder)  # the other machines need not see `adapter_path`
     # Validate every data line before loading the model or writing anything.
     splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
-    base, model_tokenizer, model_args = load(model)
+    folder = hub.resolve(model, allow_patterns=PATTERNS)
+    base, model_tokenizer, model_args = load(folder)
     tokenizer = tokenizer or require_tokenizer(model_tokenizer, model)
-    template = template_for_training(hub.resolve(model, allow_patterns=PATTERNS), chat_template)
+    template = template_for_training(folder, chat_template)
     train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length, template)
     val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length, template)
     if not train_set:
