@@ -3,6 +3,8 @@
 Converted Instruct folders carry OpenELM's Instruct template in `tokenizer_config.json`, so
 mlx-lm, mlx-lm's server and transformers' `apply_chat_template` format a conversation exactly as
 `mlx-openelm chat` does. Base models get none; `mlx-openelm chat` refuses them with a hint.
+`mlx-openelm lora` renders its `messages` records with the same template (train/data.py), so a
+model learns the format it is then prompted in.
 """
 
 from __future__ import annotations
