@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_openelm.errors import UserError
-
 # Defaults for keys a hand-written config may omit: the released models' values, as in
 # mlx_openelm.config.ModelArgs, so one config.json builds the same model on both sides.
 DEFAULTS: dict[str, Any] = dict(
@@ -55,14 +53,14 @@ def _per_layer(mult: Any, n: int, name: str) -> list[float]:
         return [float(m) for m in mult]
     if len(mult) == 2:
         return [round(float(m), 2) for m in np.linspace(mult[0], mult[1], num=n)]
-    raise UserError(f"{name} must be a number, a [min, max] pair or {n} values, got {mult!r}")
+    raise ValueError(f"{name} must be a number, a [min, max] pair or {n} values, got {mult!r}")
 
 
 def expand_config(config: dict[str, Any]) -> dict[str, Any]:
     """A config.json dict with defaults filled in and per-layer lists expanded."""
     missing = [k for k in ("num_transformer_layers", "model_dim", "head_dim") if k not in config]
     if missing:
-        raise UserError(f"OpenELM config is missing {', '.join(missing)}")
+        raise ValueError(f"OpenELM config is missing {', '.join(missing)}")
     cfg = {**DEFAULTS, **config}
     n, hd = cfg["num_transformer_layers"], cfg["head_dim"]
     if cfg.get("num_query_heads") is None or cfg.get("num_kv_heads") is None:
@@ -73,7 +71,7 @@ def expand_config(config: dict[str, Any]) -> dict[str, Any]:
     cfg["ffn_multipliers"] = _per_layer(cfg["ffn_multipliers"], n, "ffn_multipliers")
     for name in ("num_query_heads", "num_kv_heads"):
         if len(cfg[name]) != n:
-            raise UserError(f"{name} has {len(cfg[name])} entries for {n} layers")
+            raise ValueError(f"{name} has {len(cfg[name])} entries for {n} layers")
     cfg["model_type"] = "openelm"
     return cfg
 
@@ -282,7 +280,7 @@ class OpenELM(nn.Module):
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise UserError(
+            raise ValueError(
                 f"{folder} does not match its config.json: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )

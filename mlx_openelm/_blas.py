@@ -1,8 +1,8 @@
 """Point MLX's Linux CPU back end at an optimised BLAS.
 
 The `mlx[cpu]` wheel bundles the reference (netlib) BLAS, far slower than an optimised one (the
-figures: README, "Linux: the BLAS"). Loading a library that exports `cblas_*` with RTLD_GLOBAL before `mlx.core` is
-imported makes MLX bind to it. This must run before any `import mlx.core`, so
+figures: README, "Linux: the BLAS"). Loading a library that exports `cblas_*` with RTLD_GLOBAL
+before `mlx.core` is imported makes MLX bind to it. This must run before any `import mlx.core`, so
 `mlx_openelm/__init__.py` calls it first.
 
 MLX_OPENELM_BLAS picks: `auto` (default: MKL, else OpenBLAS, else BLIS), `mkl`, `openblas`,
