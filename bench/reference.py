@@ -1,8 +1,9 @@
 """A PyTorch OpenELM, faithful to Apple's Hugging Face `modeling_openelm.py`.
 
-The reference for parity tests and the PyTorch (CPU/CUDA) side of the benchmark (the checkpoint
-writers the tests use are in `torch_checkpoints.py`). It imports only torch, numpy and safetensors
-(never mlx), so it runs on a GPU machine without MLX. Parameter names are the HF checkpoint keys.
+The reference for parity tests and the PyTorch (CPU/CUDA) side of the benchmark (the
+checkpoint writers the tests use are in `tests/torch_checkpoints.py`). It imports only torch,
+numpy and safetensors (never mlx), so it runs on a GPU machine without MLX. Parameter names are
+the HF checkpoint keys.
 
 The numerics follow HF: RMSNorm in fp32 cast back before the weight, q/k norm before RoPE, RoPE
 applied in fp32 and cast back, GQA by repeat_interleave, SDPA. One difference in form, not in

@@ -73,7 +73,7 @@ def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
     if sys.platform.startswith("linux") and _blas.loaded is None:
         notes.append(
             "MLX is running on its bundled reference BLAS, ~30x slower: `pip install mkl` "
-            "(x86-64) or `apt-get install libopenblas0-pthread`, unless MLX_OPENELM_BLAS=none "
+            "(x86-64) or `apt-get install libopenblas0-openmp`, unless MLX_OPENELM_BLAS=none "
             "was meant"
         )
     params = tree_flatten(model.parameters())

@@ -45,7 +45,9 @@ Reference cross_entropy_reference(mx::Stream s) {
 
 }  // namespace
 
-// d loss / d logits = g (softmax(logits) - onehot(target)), row by row.
+// d loss / d logits = g (softmax(logits) - onehot(target)), row by row. The forward's loss gives
+// the softmax's shift (max + log-sum-exp = loss + logits[target]), so this is one pass per row.
+// Inputs: logits, targets, the forward's loss, the cotangent; the reference ignores the loss.
 class CrossEntropyGrad : public CpuPrimitive {
  public:
   explicit CrossEntropyGrad(mx::Stream s)
@@ -57,18 +59,20 @@ class CrossEntropyGrad : public CpuPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     auto x = row_contiguous(inputs[0], enc);
     auto t = row_contiguous(inputs[1], enc);
-    auto g = row_contiguous(inputs[2], enc);
+    auto loss = row_contiguous(inputs[2], enc);
+    auto g = row_contiguous(inputs[3], enc);
     auto& out = outputs[0];
     alloc(out);
     const int64_t V = x.shape(-1), N = x.size() / V;
-    enc.dispatch([xp = x.data<float>(), tp = t.data<int32_t>(), gp = g.data<float>(),
-                  op = out.data<float>(), N, V]() {
+    enc.dispatch([xp = x.data<float>(), tp = t.data<int32_t>(), lp = loss.data<float>(),
+                  gp = g.data<float>(), op = out.data<float>(), N, V]() {
       parallel_for(N, 4, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; r++) {
           const float* xr = xp + r * V;
           float* dr = op + r * V;
-          auto [m, lse] = max_and_log_sum_exp(xr, V);
-          const float shift = m + lse, gr = gp[r];
+          const int32_t tr = tp[r];
+          // The forward's loss is NaN for a target outside the vocabulary; so is this row.
+          const float shift = tr >= 0 && tr < V ? lp[r] + xr[tr] : lp[r], gr = gp[r];
           int64_t j = 0;
 #ifdef OE_AVX2
           const __m256 sv = _mm256_set1_ps(shift), gv = _mm256_set1_ps(gr);
@@ -78,7 +82,6 @@ class CrossEntropyGrad : public CpuPrimitive {
           }
 #endif
           for (; j < V; j++) dr[j] = std::exp(xr[j] - shift) * gr;
-          const int32_t tr = tp[r];
           if (tr >= 0 && tr < V) dr[tr] -= gr;
         }
       });
@@ -96,9 +99,9 @@ class CrossEntropy : public CpuPrimitive {
 
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
                                      const std::vector<mx::array>& cotangents,
-                                     const std::vector<mx::array>&) override {
+                                     const std::vector<mx::array>& outputs) override {
     return {mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream()),
-                      {primals[0], primals[1], cotangents[0]}),
+                      {primals[0], primals[1], outputs[0], cotangents[0]}),
             mx::zeros_like(primals[1], stream())};
   }
 

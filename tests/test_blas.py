@@ -1,0 +1,43 @@
+"""Which BLAS MLX is pointed at on Linux (`mlx_openelm/_blas.py`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_openelm import _blas
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def test_amd_prefers_openblas_and_other_cpus_mkl():
+    assert _blas.auto_order("AuthenticAMD")[0] == "openblas"
+    assert _blas.auto_order("GenuineIntel")[0] == "mkl"
+    assert _blas.auto_order("")[0] == "mkl"
+    assert sorted(_blas.auto_order("AuthenticAMD")) == sorted(_blas.AUTO)
+
+
+def _loaded_in_fresh_process(choice: str) -> str:
+    env = {**os.environ, "MLX_OPENELM_BLAS": choice}
+    code = "import mlx_openelm._blas as b; print(b.loaded)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_auto_loads_the_first_library_present_in_the_vendors_order():
+    present = {
+        lib: next((p for p in paths if p.startswith("/") and Path(p).is_file()), None)
+        for lib, paths in _blas.CANDIDATES.items()
+    }
+    first = next((lib for lib in _blas.auto_order(_blas.cpu_vendor()) if present[lib]), None)
+    if first is None:
+        pytest.skip("no BLAS library at a known path here")
+    loaded = _loaded_in_fresh_process("auto")
+    assert loaded == present[first], (first, loaded)
+
+
+def test_none_loads_nothing():
+    assert _loaded_in_fresh_process("none") == "None"
