@@ -77,6 +77,25 @@ def test_quantized_linear_matches_mlx(bits, group_size, rows, dtype):
     close(*both(kernels.linear, layer, x))
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantized_one_row_keeps_float32_accuracy_on_awkward_activations(group_size):
+    # One 4-bit row takes integer dots on VNNI CPUs, with x split into int8 pieces per 32
+    # elements: a block of zeros, an outlier beside tiny values and exact powers of two must
+    # come out as float32 does.
+    k, n = 1280, 256
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = normal(n, k, seed=5) * k**-0.5
+    layer = nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=4)
+    x = normal(1, 1, k, seed=6) * 1e-3
+    x[..., :32] = 0.0
+    x[..., 40] = 1e4
+    x[..., 64:96] = mx.array([2.0**i for i in range(-16, 16)])
+    x[..., 96:128] = -x[..., 64:96]
+    close(*both(kernels.linear, layer, x))
+    x[..., 40] = 0.0  # the outlier dominates every output: the rest must be right without it too
+    close(*both(kernels.linear, layer, x))
+
+
 def test_quantized_tied_head_matches_mlx():
     emb = nn.Embedding(1000, 256)
     emb.weight = normal(1000, 256, seed=3) * 0.1

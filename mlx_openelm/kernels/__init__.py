@@ -76,10 +76,12 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line for reports: 'on (AVX2, 2 threads)' or 'off (why)'."""
+    """One line for reports: 'on (AVX2/FMA + VNNI, 2 threads)' or 'off (why)'."""
     if not available():
         return _why_off or "off"
     simd = "AVX2/FMA" if _ext.avx2 else "portable C++"
+    if _ext.vnni:
+        simd += " + VNNI"
     return f"on ({simd}, {_ext.threads()} threads)"
 
 

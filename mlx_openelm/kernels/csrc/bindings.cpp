@@ -16,6 +16,11 @@ NB_MODULE(_openelm_kernels, m) {
 #else
   m.attr("avx2") = false;
 #endif
+#ifdef OE_VNNI
+  m.attr("vnni") = true;
+#else
+  m.attr("vnni") = false;
+#endif
   m.def("linear", &oe::linear, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("quantized_linear", &oe::quantized_linear, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -16,6 +16,10 @@
 #include <immintrin.h>
 #define OE_AVX2 1
 #endif
+// Integer dot products of unsigned by signed bytes (the one-row 4-bit product, linear.cpp).
+#if defined(OE_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define OE_VNNI 1
+#endif
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
