@@ -112,6 +112,25 @@ def test_rms_norm_matches_fast_rms_norm(dims):
     close(*both(kernels.rms_norm, norm, normal(2, 3, dims) * 3))
 
 
+@pytest.mark.parametrize("dims", [64, 192, 1280, 1283, 5])
+def test_rms_norm_gradient_kernel_matches_mlx(dims):
+    norm = nn.RMSNorm(dims, eps=1e-6)
+    x, w = normal(3, 37, dims) * 3, normal(3, 37, dims, seed=1)  # w: a cotangent, not all ones
+
+    def loss(x, weight):
+        norm.weight = weight
+        return (kernels.rms_norm(norm, x) * w).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1))
+    weight = 1 + 0.1 * normal(dims, seed=4)
+    for fast, ref in zip(*both(grad, x, weight)):
+        close(fast, ref)
+    # The backward kernel's own gradient (second order) is MLX's, through its reference. (Not
+    # against x itself: RMSNorm's gradient is orthogonal to x, which leaves rounding noise.)
+    v = normal(3, 37, dims, seed=2)
+    close(*both(mx.grad(lambda x: (grad(x, weight)[0] * v).sum()), x))
+
+
 @pytest.mark.parametrize("ffn", [768, 5120, 12288, 771, 3])
 def test_silu_gate_matches_silu_times_up(ffn):
     close(*both(kernels.silu_gate, normal(1, 5, 2 * ffn) * 4))
@@ -134,6 +153,31 @@ def test_attention_inputs_match_norm_and_rope(nq, nkv, hd, length, offset, qk_no
     fast, ref = both(kernels.attention_inputs, qkv, nq, nkv, *(norms or [None, None]), rope, offset)
     for f, r in zip(fast, ref):
         close(f, r)
+
+
+@pytest.mark.parametrize("nq,nkv,hd", [(12, 3, 64), (8, 2, 32), (2, 2, 16)])
+@pytest.mark.parametrize("offset", [0, 37])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_inputs_gradient_kernel_matches_mlx(nq, nkv, hd, offset, qk_norm):
+    norms = [None, None]
+    if qk_norm:
+        norms = [nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)]
+        for i, n in enumerate(norms):
+            n.weight = 1 + 0.1 * normal(hd, seed=5 + i)
+    rope = nn.RoPE(hd, traditional=False, base=10000)
+    qkv = 2 * normal(2, 19, nq + 2 * nkv, hd)
+    cots = [normal(2, h, 19, hd, seed=11 + i) for i, h in enumerate([nq, nkv, nkv])]
+
+    def loss(qkv, qw, kw):
+        if qk_norm:
+            norms[0].weight, norms[1].weight = qw, kw
+        outs = kernels.attention_inputs(qkv, nq, nkv, *norms, rope, offset)
+        return sum((o * c).sum() for o, c in zip(outs, cots))
+
+    weights = [n.weight for n in norms] if qk_norm else [mx.zeros(1), mx.zeros(1)]
+    argnums = (0, 1, 2) if qk_norm else (0,)
+    for fast, ref in zip(*both(mx.grad(loss, argnums=argnums), qkv, *weights)):
+        close(fast, ref)
 
 
 @pytest.mark.parametrize("nq,nkv,hd", ATTN_SHAPES)

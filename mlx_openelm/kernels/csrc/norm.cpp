@@ -32,18 +32,88 @@ inline void rms_row(const float* x, const float* w, float* out, int64_t D, float
   for (; k < D; k++) out[k] = x[k] * r * w[k];
 }
 
+// RMSNorm's backward over one row: with u = x r, dx = r (du - u mean(u du)) for du = g w, and
+// g u added into dw (the weight's gradient, summed over rows by the caller).
+inline void rms_row_backward(const float* x, const float* w, const float* g, float* dx, float* dw,
+                             int64_t D, float eps) {
+  float ss = 0;
+  for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+  float dot = 0;
+  for (int64_t i = 0; i < D; i++) {
+    const float u = x[i] * r;
+    dw[i] += g[i] * u;
+    dot += g[i] * w[i] * u;
+  }
+  dot /= float(D);
+  for (int64_t i = 0; i < D; i++) dx[i] = r * (g[i] * w[i] - x[i] * r * dot);
+}
+
 }  // namespace
+
+static Reference rms_norm_reference(mx::Stream s, float eps) {
+  return [s, eps](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
+  };
+}
+
+// d x and d weight of RMSNorm from x, weight and the cotangent (`rms_row_backward` per row);
+// d weight sums over the rows in fixed chunks, so the sum does not depend on the threads.
+class RMSNormGrad : public CpuPrimitive {
+ public:
+  RMSNormGrad(mx::Stream s, float eps)
+      : CpuPrimitive(s, backward_reference(rms_norm_reference(s, eps), 2, 2)), eps_(eps) {}
+  const char* name() const override { return "OpenELMRMSNormGrad"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    return eps_ == static_cast<const RMSNormGrad&>(o).eps_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc),
+         g = row_contiguous(inputs[2], enc);
+    for (auto& o : outputs) alloc(o);
+    const int64_t D = x.shape(-1), rows = x.size() / D;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), gp = g.data<float>(),
+                  dxp = outputs[0].data<float>(), dwp = outputs[1].data<float>(), D, rows,
+                  eps = eps_]() {
+      const int64_t chunks = std::min<int64_t>(rows, 16);
+      std::vector<float> partial(chunks * D, 0.0f);
+      parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; c++) {
+          float* dw = partial.data() + c * D;
+          for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; r++) {
+            rms_row_backward(xp + r * D, wp, gp + r * D, dxp + r * D, dw, D, eps);
+          }
+        }
+      });
+      for (int64_t i = 0; i < D; i++) {
+        float t = 0;
+        for (int64_t c = 0; c < chunks; c++) t += partial[c * D + i];
+        dwp[i] = t;
+      }
+    });
+  }
+
+ private:
+  float eps_;
+};
 
 class RMSNorm : public CpuPrimitive {
  public:
-  RMSNorm(mx::Stream s, float eps)
-      : CpuPrimitive(s, [s, eps](const std::vector<mx::array>& in) {
-          return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
-        }),
-        eps_(eps) {}
+  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s, rms_norm_reference(s, eps)), eps_(eps) {}
   const char* name() const override { return "OpenELMRMSNorm"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     return eps_ == static_cast<const RMSNorm&>(o).eps_;
+  }
+
+  std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
+                                     const std::vector<mx::array>& cotangents,
+                                     const std::vector<mx::array>&) override {
+    return mx::array::make_arrays({primals[0].shape(), primals[1].shape()},
+                                  {mx::float32, mx::float32},
+                                  std::make_shared<RMSNormGrad>(stream(), eps_),
+                                  {primals[0], primals[1], cotangents[0]});
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
@@ -173,27 +243,161 @@ mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(shape, mx::float32, std::make_shared<SiluGate>(cpu_stream(s)), {x});
 }
 
+// Inputs: qkv, inv_freqs (the kernel's angles; the reference makes its own from base), and the
+// q/k norm weights when there are norms.
+static Reference attention_inputs_reference(mx::Stream s, int nq, int nkv, bool qk_norm, float eps,
+                                            float base, int offset) {
+  return [=](const std::vector<mx::array>& in) {
+    auto heads = mx::split(mx::transpose(in[0], {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
+    auto q = heads[0], k = heads[1];
+    if (qk_norm) {
+      q = mx::fast::rms_norm(q, in[2], eps, s);
+      k = mx::fast::rms_norm(k, in[3], eps, s);
+    }
+    const int hd = in[0].shape(3);
+    return std::vector<mx::array>{mx::fast::rope(q, hd, false, base, 1.0f, offset, {}, s),
+                                  mx::fast::rope(k, hd, false, base, 1.0f, offset, {}, s),
+                                  heads[2]};
+  };
+}
+
+// cos and sin of the angles as MLX's RoPE makes them: float(position) * inv_freq, in float32.
+static void rope_tables(const float* inv_freqs, int64_t L, int64_t half, int offset,
+                        std::vector<float>& cos_t, std::vector<float>& sin_t) {
+  cos_t.resize(L * half);
+  sin_t.resize(L * half);
+  for (int64_t l = 0; l < L; l++)
+    for (int64_t i = 0; i < half; i++) {
+      float theta = float(offset + l) * inv_freqs[i];
+      cos_t[l * half + i] = std::cos(theta);
+      sin_t[l * half + i] = std::sin(theta);
+    }
+}
+
+// The gradients of AttentionInputs: d qkv, and d q_weight, d k_weight when there are norms. Inputs:
+// the forward's, then the cotangents of q, k and v. Per head row: RoPE's rotation backwards, then
+// RMSNorm's backward; the weights' gradients sum over all rows in fixed chunks, as in RMSNormGrad.
+class AttentionInputsGrad : public CpuPrimitive {
+ public:
+  AttentionInputsGrad(mx::Stream s, Reference forward, int nq, int nkv, bool qk_norm, float eps,
+                      int offset)
+      : CpuPrimitive(s, [forward, qk_norm](const std::vector<mx::array>& in) {
+          const size_t n = qk_norm ? 4 : 2;
+          auto f = [&](const std::vector<mx::array>& wrt) {
+            std::vector<mx::array> all = {wrt[0], in[1]};
+            if (qk_norm) all.insert(all.end(), {wrt[1], wrt[2]});
+            return forward(all);
+          };
+          std::vector<mx::array> primals = {in[0]};
+          if (qk_norm) primals.insert(primals.end(), {in[2], in[3]});
+          return mx::vjp(f, primals, {in.begin() + n, in.end()}).second;
+        }),
+        nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
+  const char* name() const override { return "OpenELMAttentionInputsGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttentionInputsGrad&>(other);
+    return nq_ == o.nq_ && nkv_ == o.nkv_ && qk_norm_ == o.qk_norm_ && eps_ == o.eps_ &&
+           offset_ == o.offset_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    const size_t n = qk_norm_ ? 4 : 2;
+    std::vector<mx::array> in;
+    for (auto& a : inputs) in.push_back(row_contiguous(a, enc));
+    for (auto& o : outputs) alloc(o);
+    const int64_t B = in[0].shape(0), L = in[0].shape(1), H = in[0].shape(2), hd = in[0].shape(3);
+    enc.dispatch([src = in[0].data<float>(), fp = in[1].data<float>(),
+                  qwp = qk_norm_ ? in[2].data<float>() : nullptr,
+                  kwp = qk_norm_ ? in[3].data<float>() : nullptr, dqp = in[n].data<float>(),
+                  dkp = in[n + 1].data<float>(), dvp = in[n + 2].data<float>(),
+                  dxp = outputs[0].data<float>(),
+                  dqwp = qk_norm_ ? outputs[1].data<float>() : nullptr,
+                  dkwp = qk_norm_ ? outputs[2].data<float>() : nullptr, B, L, H, hd,
+                  nq = int64_t(nq_), nkv = int64_t(nkv_), eps = eps_, offset = offset_]() {
+      const int64_t half = hd / 2, rows = B * L;
+      std::vector<float> cos_t, sin_t;
+      rope_tables(fp, L, half, offset, cos_t, sin_t);
+      const int64_t chunks = std::min<int64_t>(rows, 16);
+      std::vector<float> partial(chunks * 2 * hd, 0.0f);  // per chunk: d q_weight, d k_weight
+      parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<float> dn(hd);
+        for (int64_t c = c0; c < c1; c++) {
+          float* dw_q = partial.data() + c * 2 * hd;
+          float* dw_k = dw_q + hd;
+          for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; r++) {
+            const int64_t b = r / L, l = r % L;
+            const float *co = cos_t.data() + l * half, *sn = sin_t.data() + l * half;
+            for (int64_t h = 0; h < H; h++) {
+              const float* x = src + (r * H + h) * hd;
+              float* dx = dxp + (r * H + h) * hd;
+              const float* dy;
+              if (h < nq) dy = dqp + ((b * nq + h) * L + l) * hd;
+              else if (h < nq + nkv) dy = dkp + ((b * nkv + h - nq) * L + l) * hd;
+              else {
+                std::memcpy(dx, dvp + ((b * nkv + h - nq - nkv) * L + l) * hd, hd * sizeof(float));
+                continue;
+              }
+              float* out = qwp ? dn.data() : dx;  // RoPE's rotation, backwards
+              for (int64_t i = 0; i < half; i++) {
+                out[i] = dy[i] * co[i] + dy[i + half] * sn[i];
+                out[i + half] = dy[i + half] * co[i] - dy[i] * sn[i];
+              }
+              if (!qwp) continue;
+              if (h < nq) rms_row_backward(x, qwp, dn.data(), dx, dw_q, hd, eps);
+              else rms_row_backward(x, kwp, dn.data(), dx, dw_k, hd, eps);
+            }
+          }
+        }
+      });
+      if (dqwp)
+        for (int64_t i = 0; i < hd; i++) {
+          float sq = 0, sk = 0;
+          for (int64_t c = 0; c < chunks; c++) {
+            sq += partial[c * 2 * hd + i];
+            sk += partial[c * 2 * hd + hd + i];
+          }
+          dqwp[i] = sq;
+          dkwp[i] = sk;
+        }
+    });
+  }
+
+ private:
+  int nq_, nkv_;
+  bool qk_norm_;
+  float eps_;
+  int offset_;
+};
+
 class AttentionInputs : public CpuPrimitive {
  public:
   AttentionInputs(mx::Stream s, int nq, int nkv, bool qk_norm, float eps, float base, int offset)
-      : CpuPrimitive(s, [=](const std::vector<mx::array>& in) {
-          auto heads = mx::split(mx::transpose(in[0], {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
-          auto q = heads[0], k = heads[1];
-          if (qk_norm) {
-            q = mx::fast::rms_norm(q, in[2], eps, s);
-            k = mx::fast::rms_norm(k, in[3], eps, s);
-          }
-          const int hd = in[0].shape(3);
-          return std::vector<mx::array>{mx::fast::rope(q, hd, false, base, 1.0f, offset, {}, s),
-                                        mx::fast::rope(k, hd, false, base, 1.0f, offset, {}, s),
-                                        heads[2]};
-        }),
-        nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
+      : CpuPrimitive(s, attention_inputs_reference(s, nq, nkv, qk_norm, eps, base, offset)),
+        nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), base_(base), offset_(offset) {}
   const char* name() const override { return "OpenELMAttentionInputs"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttentionInputs&>(other);
     return nq_ == o.nq_ && nkv_ == o.nkv_ && qk_norm_ == o.qk_norm_ && eps_ == o.eps_ &&
-           offset_ == o.offset_;
+           base_ == o.base_ && offset_ == o.offset_;
+  }
+
+  std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
+                                     const std::vector<mx::array>& cotangents,
+                                     const std::vector<mx::array>&) override {
+    std::vector<mx::array> in = primals;
+    in.insert(in.end(), cotangents.begin(), cotangents.end());
+    const int hd = primals[0].shape(3);
+    std::vector<mx::Shape> shapes = {primals[0].shape()};
+    if (qk_norm_) shapes.insert(shapes.end(), {{hd}, {hd}});
+    auto grads = mx::array::make_arrays(
+        shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+        std::make_shared<AttentionInputsGrad>(
+            stream(), attention_inputs_reference(stream(), nq_, nkv_, qk_norm_, eps_, base_, offset_),
+            nq_, nkv_, qk_norm_, eps_, offset_),
+        in);
+    grads.insert(grads.begin() + 1, mx::zeros_like(primals[1], stream()));  // inv_freqs: constant
+    return grads;
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
@@ -212,14 +416,8 @@ class AttentionInputs : public CpuPrimitive {
                   vp = outputs[2].data<float>(), B, L, H, hd, nq = int64_t(nq_),
                   nkv = int64_t(nkv_), eps = eps_, offset = offset_]() {
       const int64_t half = hd / 2;
-      // The angles as MLX's RoPE makes them: float(position) * inv_freq, in float32.
-      std::vector<float> cos_t(L * half), sin_t(L * half);
-      for (int64_t l = 0; l < L; l++)
-        for (int64_t i = 0; i < half; i++) {
-          float theta = float(offset + l) * fp[i];
-          cos_t[l * half + i] = std::cos(theta);
-          sin_t[l * half + i] = std::sin(theta);
-        }
+      std::vector<float> cos_t, sin_t;
+      rope_tables(fp, L, half, offset, cos_t, sin_t);
       parallel_for(B * L, 8, [&](int64_t r0, int64_t r1) {
         std::vector<float> tmp(hd);
         for (int64_t r = r0; r < r1; r++) {
@@ -254,7 +452,7 @@ class AttentionInputs : public CpuPrimitive {
  private:
   int nq_, nkv_;
   bool qk_norm_;
-  float eps_;
+  float eps_, base_;
   int offset_;
 };
 
