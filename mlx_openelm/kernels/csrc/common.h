@@ -141,6 +141,24 @@ inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
   }
 }
 
+// out[0:width] = the sum over rows of each row's share, which add(r0, r1, partial) adds into
+// `partial` (width floats, zeroed) for the rows [r0, r1). The rows go in a fixed number of
+// chunks, each with its own partial sum, so the total does not depend on the threads.
+template <class F>
+inline void sum_over_rows(int64_t rows, int64_t width, float* out, F&& add) {
+  const int64_t chunks = std::min<int64_t>(rows, 16);
+  std::vector<float> partial(chunks * width, 0.0f);
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++)
+      add(rows * c / chunks, rows * (c + 1) / chunks, partial.data() + c * width);
+  });
+  for (int64_t i = 0; i < width; i++) {
+    float t = 0;
+    for (int64_t c = 0; c < chunks; c++) t += partial[c * width + i];
+    out[i] = t;
+  }
+}
+
 #ifdef OE_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -368,7 +368,7 @@ class QuantizedLinear : public CpuPrimitive {
 #endif
         std::vector<float> xt;
 #ifdef OE_AVX2
-        if (bits == 4) {  // even elements then odd ones, per sixteen (see q_tile)
+        if (bits == 4) {  // even elements then odd ones, per sixteen (see q_row)
           xt.resize(M * K);
           for (int64_t i = 0; i < M * K; i += 16)
             for (int64_t j = 0; j < 8; j++) {

@@ -57,8 +57,8 @@ static Reference rms_norm_reference(mx::Stream s, float eps) {
   };
 }
 
-// d x and d weight of RMSNorm from x, weight and the cotangent (`rms_row_backward` per row);
-// d weight sums over the rows in fixed chunks, so the sum does not depend on the threads.
+// d x and d weight of RMSNorm from x, weight and the cotangent (`rms_row_backward` per row,
+// d weight summed by `sum_over_rows`).
 class RMSNormGrad : public CpuPrimitive {
  public:
   RMSNormGrad(mx::Stream s, float eps)
@@ -77,21 +77,10 @@ class RMSNormGrad : public CpuPrimitive {
     enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), gp = g.data<float>(),
                   dxp = outputs[0].data<float>(), dwp = outputs[1].data<float>(), D, rows,
                   eps = eps_]() {
-      const int64_t chunks = std::min<int64_t>(rows, 16);
-      std::vector<float> partial(chunks * D, 0.0f);
-      parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; c++) {
-          float* dw = partial.data() + c * D;
-          for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; r++) {
-            rms_row_backward(xp + r * D, wp, gp + r * D, dxp + r * D, dw, D, eps);
-          }
-        }
+      sum_over_rows(rows, D, dwp, [&](int64_t r0, int64_t r1, float* dw) {
+        for (int64_t r = r0; r < r1; r++)
+          rms_row_backward(xp + r * D, wp, gp + r * D, dxp + r * D, dw, D, eps);
       });
-      for (int64_t i = 0; i < D; i++) {
-        float t = 0;
-        for (int64_t c = 0; c < chunks; c++) t += partial[c * D + i];
-        dwp[i] = t;
-      }
     });
   }
 
@@ -276,7 +265,7 @@ static void rope_tables(const float* inv_freqs, int64_t L, int64_t half, int off
 
 // The gradients of AttentionInputs: d qkv, and d q_weight, d k_weight when there are norms. Inputs:
 // the forward's, then the cotangents of q, k and v. Per head row: RoPE's rotation backwards, then
-// RMSNorm's backward; the weights' gradients sum over all rows in fixed chunks, as in RMSNormGrad.
+// RMSNorm's backward; the weights' gradients are summed by `sum_over_rows`.
 class AttentionInputsGrad : public CpuPrimitive {
  public:
   AttentionInputsGrad(mx::Stream s, Reference forward, int nq, int nkv, bool qk_norm, float eps,
@@ -318,48 +307,40 @@ class AttentionInputsGrad : public CpuPrimitive {
       const int64_t half = hd / 2, rows = B * L;
       std::vector<float> cos_t, sin_t;
       rope_tables(fp, L, half, offset, cos_t, sin_t);
-      const int64_t chunks = std::min<int64_t>(rows, 16);
-      std::vector<float> partial(chunks * 2 * hd, 0.0f);  // per chunk: d q_weight, d k_weight
-      parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+      // The weights' gradients side by side: d q_weight, then d k_weight (none without norms).
+      const int64_t width = qwp ? 2 * hd : 0;
+      std::vector<float> dws(width);
+      sum_over_rows(rows, width, dws.data(), [&](int64_t r0, int64_t r1, float* dw_q) {
+        float* dw_k = qwp ? dw_q + hd : nullptr;
         std::vector<float> dn(hd);
-        for (int64_t c = c0; c < c1; c++) {
-          float* dw_q = partial.data() + c * 2 * hd;
-          float* dw_k = dw_q + hd;
-          for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; r++) {
-            const int64_t b = r / L, l = r % L;
-            const float *co = cos_t.data() + l * half, *sn = sin_t.data() + l * half;
-            for (int64_t h = 0; h < H; h++) {
-              const float* x = src + (r * H + h) * hd;
-              float* dx = dxp + (r * H + h) * hd;
-              const float* dy;
-              if (h < nq) dy = dqp + ((b * nq + h) * L + l) * hd;
-              else if (h < nq + nkv) dy = dkp + ((b * nkv + h - nq) * L + l) * hd;
-              else {
-                std::memcpy(dx, dvp + ((b * nkv + h - nq - nkv) * L + l) * hd, hd * sizeof(float));
-                continue;
-              }
-              float* out = qwp ? dn.data() : dx;  // RoPE's rotation, backwards
-              for (int64_t i = 0; i < half; i++) {
-                out[i] = dy[i] * co[i] + dy[i + half] * sn[i];
-                out[i + half] = dy[i + half] * co[i] - dy[i] * sn[i];
-              }
-              if (!qwp) continue;
-              if (h < nq) rms_row_backward(x, qwp, dn.data(), dx, dw_q, hd, eps);
-              else rms_row_backward(x, kwp, dn.data(), dx, dw_k, hd, eps);
+        for (int64_t r = r0; r < r1; r++) {
+          const int64_t b = r / L, l = r % L;
+          const float *co = cos_t.data() + l * half, *sn = sin_t.data() + l * half;
+          for (int64_t h = 0; h < H; h++) {
+            const float* x = src + (r * H + h) * hd;
+            float* dx = dxp + (r * H + h) * hd;
+            const float* dy;
+            if (h < nq) dy = dqp + ((b * nq + h) * L + l) * hd;
+            else if (h < nq + nkv) dy = dkp + ((b * nkv + h - nq) * L + l) * hd;
+            else {
+              std::memcpy(dx, dvp + ((b * nkv + h - nq - nkv) * L + l) * hd, hd * sizeof(float));
+              continue;
             }
+            float* out = qwp ? dn.data() : dx;  // RoPE's rotation, backwards
+            for (int64_t i = 0; i < half; i++) {
+              out[i] = dy[i] * co[i] + dy[i + half] * sn[i];
+              out[i + half] = dy[i + half] * co[i] - dy[i] * sn[i];
+            }
+            if (!qwp) continue;
+            if (h < nq) rms_row_backward(x, qwp, dn.data(), dx, dw_q, hd, eps);
+            else rms_row_backward(x, kwp, dn.data(), dx, dw_k, hd, eps);
           }
         }
       });
-      if (dqwp)
-        for (int64_t i = 0; i < hd; i++) {
-          float sq = 0, sk = 0;
-          for (int64_t c = 0; c < chunks; c++) {
-            sq += partial[c * 2 * hd + i];
-            sk += partial[c * 2 * hd + hd + i];
-          }
-          dqwp[i] = sq;
-          dkwp[i] = sk;
-        }
+      if (dqwp) {
+        std::memcpy(dqwp, dws.data(), hd * sizeof(float));
+        std::memcpy(dkwp, dws.data() + hd, hd * sizeof(float));
+      }
     });
   }
 
