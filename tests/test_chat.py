@@ -57,6 +57,9 @@ def spawn(folder, *args: str):
         sys.executable,
         ["-m", "mlx_openelm.cli", "chat", "--model", str(folder), *args],
         encoding="utf-8",
+        # Ctrl-C's "^C" echo can land between the bytes of a character that the
+        # pty took in two writes; that is the terminal's doing, not the REPL's.
+        codec_errors="replace",
         timeout=90,
         env={**os.environ, "TERM": "dumb"},
         dimensions=(50, 200),
