@@ -115,23 +115,32 @@ def breakdown(run: Callable[[], None], trials: int) -> dict[str, float]:
 
 
 def weight_stream(model: Any, trials: int) -> dict[str, float]:
-    """Seconds for one-row products with every 2-D weight, all in one graph (a decode step's
-    matmuls with nothing else), through MLX's matmul (the BLAS) and through the kernels."""
+    """Seconds for one-row products with every weight matrix, all in one graph (a decode step's
+    matmuls with nothing else), through MLX's own op (the BLAS, or its quantized matmul) and
+    through the kernels."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
 
-    weights = [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
-    rows = {w.shape[1]: mx.random.normal((1, w.shape[1])) for w in weights}
+    heads = (nn.Embedding, nn.QuantizedEmbedding)
+    kinds = (nn.Linear, nn.QuantizedLinear, *heads)
+    layers = [m for _, m in model.named_modules() if isinstance(m, kinds)]
+    width = lambda m: m.weight.shape[1] * (32 // m.bits if hasattr(m, "bits") else 1)
+    rows = {width(m): mx.random.normal((1, width(m))) for m in layers}
     mx.eval(list(rows.values()))
-    out = {"BLAS": median_time(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in weights]), trials)}
+
+    def products(fast: bool) -> list[mx.array]:
+        out = []
+        for m in layers:
+            x = rows[width(m)]
+            if isinstance(m, heads):
+                out.append(kernels.embedding_as_linear(m, x) if fast else m.as_linear(x))
+            else:
+                out.append(kernels.linear(m, x) if fast else m(x))
+        return out
+
+    name = "MLX quantized" if any(hasattr(m, "bits") for m in layers) else "BLAS"
+    out = {name: median_time(lambda: mx.eval(products(False)), trials)}
     if kernels.available():
-        layers = []
-        for w in weights:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
-            layer.weight = w
-            layers.append(layer)
-        run = lambda: mx.eval([kernels.linear(lay, rows[lay.weight.shape[1]]) for lay in layers])
-        out["kernels"] = median_time(run, trials)
+        out["kernels"] = median_time(lambda: mx.eval(products(True)), trials)
     return out
 
 
@@ -155,9 +164,16 @@ def exp_cost(trials: int) -> dict[str, float]:
     return {k: v / EXP_ELEMENTS * 1e9 for k, v in out.items()}
 
 
-def profile(args: Any, prompt_tokens: int = 512, trials: int = 3) -> dict[str, Any]:
-    """Profile a model of shape `args` (random weights: the timing does not depend on them)."""
+def profile(
+    args: Any, prompt_tokens: int = 512, trials: int = 3, q_bits: int | None = None
+) -> dict[str, Any]:
+    """Profile a model of shape `args` (random weights: the timing does not depend on them),
+    quantized to `q_bits` in groups of 64 as `mlx-openelm bench -q` does."""
+    import mlx.nn as nn
+
     model = mlx_openelm.Model(args)
+    if q_bits:
+        nn.quantize(model, group_size=64, bits=q_bits)
     mx.eval(model.parameters())
     ids = mx.arange(prompt_tokens) % args.vocab_size
     from mlx.utils import tree_flatten
@@ -207,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--config", help="a config.json of your own shape")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--q-bits", type=int, choices=(4, 8), help="quantize the weights (groups of 64)")
     a = p.parse_args(argv)
     args = ModelArgs.from_file(a.config) if a.config else preset(a.preset)
-    print_profile(profile(args, a.prompt_tokens, a.trials))
+    print_profile(profile(args, a.prompt_tokens, a.trials, a.q_bits))
 
 
 if __name__ == "__main__":

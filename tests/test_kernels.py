@@ -195,8 +195,10 @@ def test_attention_matches_sdpa_through_a_kv_cache(nq, nkv, hd, length, past):
     close(*both(lambda: kernels.attention(q, k, v, scale=hd**-0.5, mask=mask, cache=cache)))
 
 
-def test_attention_without_mask_sees_every_key():
-    q, k, v = normal(2, 8, 5, 64), normal(2, 2, 11, 64, seed=1), normal(2, 2, 11, 64, seed=2)
+@pytest.mark.parametrize("length,keys", [(5, 11), (1, 300)])  # one row: keys in spans, merged
+def test_attention_without_mask_sees_every_key(length, keys):
+    q = normal(2, 8, length, 64)
+    k, v = normal(2, 2, keys, 64, seed=1), normal(2, 2, keys, 64, seed=2)
     close(*both(lambda: kernels.attention(q, k, v, scale=0.125, mask=None, cache=None)))
 
 

@@ -40,12 +40,15 @@ def test_patches_are_undone() -> None:
     assert (kernels.linear, kernels.silu_gate, kernels.attention) == before
 
 
-def _weights(shape: dict) -> list[mx.array]:
+def _weights(shape: dict | ModelArgs, q_bits: int | None = None) -> list[mx.array]:
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from mlx_openelm.model import Model
 
-    model = Model(ModelArgs(**shape))
+    model = Model(shape if isinstance(shape, ModelArgs) else ModelArgs(**shape))
+    if q_bits:
+        nn.quantize(model, group_size=64, bits=q_bits)
     return [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
 
 
@@ -63,3 +66,13 @@ def test_train_speed_times_the_trainer_against_pytorch(tmp_path) -> None:
     assert report["tokens_per_sec"].keys() == train_speed.ROWS.keys()
     assert all(v > 0 for v in report["tokens_per_sec"].values())
     assert json.loads((tmp_path / "r.json").read_text())["batch"] == 2
+
+
+def test_quantized_weight_stream_counts_the_packed_weights() -> None:
+    args = ModelArgs(**{**TINY, "model_dim": 128, "ffn_dim_divisor": 64})
+    report = profile.profile(args, prompt_tokens=8, trials=1, q_bits=4)
+    w = report["weight_stream"]
+    assert w["bytes"] == sum(p.nbytes for p in _weights(args, q_bits=4))
+    assert w["bytes"] < sum(p.nbytes for p in _weights(args)) / 4  # 4 bits and the scales
+    expected = {"MLX quantized", "kernels"} if kernels.available() else {"MLX quantized"}
+    assert w["bytes_per_s"].keys() == expected

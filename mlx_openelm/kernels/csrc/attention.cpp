@@ -13,6 +13,7 @@ namespace oe {
 namespace {
 
 constexpr int64_t BLOCK = 64;  // keys per softmax block
+constexpr int64_t SPAN = 256;  // keys per work unit when decoding (a multiple of BLOCK)
 
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t k = 0;
@@ -262,21 +263,28 @@ class Attention : public CpuPrimitive {
                   op = out.data<float>(), ks = k.strides(), vs = v.strides(), B, nq, L, hd, nkv, S,
                   scale = scale_, causal = causal_]() {
       const int64_t rep = nq / nkv, items = B * nkv * L;
+      // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
+      // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
+      // spans depend on the shape alone, so the result does not depend on the thread count.
+      const int64_t parts = L == 1 ? (S + SPAN - 1) / SPAN : 1, units = items * parts;
+      std::vector<float> partial(parts > 1 ? units * rep * (hd + 2) : 0);
       const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
       {
         std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t item = 0; item < items; item++) {
+#pragma omp for schedule(dynamic, parts > 1 ? 1 : 4)
+        for (int64_t unit = 0; unit < units; unit++) {
+          const int64_t item = unit / parts, part = unit % parts;
           const int64_t b = item / (nkv * L), g = (item / L) % nkv, i = item % L;
           const float* kh = kp + b * ks[0] + g * ks[1];
           const float* vh = vp + b * vs[0] + g * vs[1];
           const int64_t limit = causal ? S - L + i + 1 : S;
+          const int64_t begin = part * SPAN, end = parts > 1 ? std::min(limit, begin + SPAN) : limit;
           std::fill(acc.begin(), acc.end(), 0.0f);
           std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
           std::fill(l.begin(), l.end(), 0.0f);
-          for (int64_t j0 = 0; j0 < limit; j0 += BLOCK) {
-            const int64_t n = std::min(BLOCK, limit - j0);
+          for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
+            const int64_t n = std::min(BLOCK, end - j0);
             for (int64_t r = 0; r < rep; r++) {
               const float* qr = qp + ((b * nq + g * rep + r) * L + i) * hd;
               float* sr = block.data() + r * BLOCK;
@@ -289,10 +297,35 @@ class Attention : public CpuPrimitive {
             }
           }
           for (int64_t r = 0; r < rep; r++) {
+            if (parts > 1) {  // this span's state: m, l, then the unnormalised output
+              float* st = partial.data() + (unit * rep + r) * (hd + 2);
+              st[0] = m[r];
+              st[1] = l[r];
+              std::copy_n(acc.data() + r * hd, hd, st + 2);
+              continue;
+            }
             float* o = op + ((b * L + i) * nq + g * rep + r) * hd;
             const float inv = 1.0f / l[r];
             for (int64_t d = 0; d < hd; d++) o[d] = acc[r * hd + d] * inv;
           }
+        }
+      }
+      if (parts == 1) return;
+      for (int64_t item = 0; item < items; item++) {  // L == 1: item is (b, g)
+        const int64_t b = item / nkv, g = item % nkv;
+        for (int64_t r = 0; r < rep; r++) {
+          auto state = [&](int64_t p) { return partial.data() + ((item * parts + p) * rep + r) * (hd + 2); };
+          float mx_all = -std::numeric_limits<float>::infinity(), total = 0;
+          for (int64_t p = 0; p < parts; p++) mx_all = std::max(mx_all, state(p)[0]);
+          float* o = op + (b * nq + g * rep + r) * hd;
+          std::fill(o, o + hd, 0.0f);
+          for (int64_t p = 0; p < parts; p++) {
+            const float c = std::exp(state(p)[0] - mx_all);
+            total += state(p)[1] * c;
+            axpy(o, c, state(p) + 2, hd);
+          }
+          const float inv = 1.0f / total;
+          for (int64_t d = 0; d < hd; d++) o[d] *= inv;
         }
       }
     });
