@@ -54,9 +54,12 @@ class Attention(nn.Module):
             self.k_norm = rms_norm(args, hd)
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_freq_constant)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Any = None, norm: nn.Module | None = None
+    ) -> mx.array:
+        """x + attention(norm(x)): the pre-norm sublayer with its skip connection."""
         B, L, D = x.shape
-        qkv = kernels.linear(self.qkv_proj, x).reshape(B, L, -1, self.head_dim)
+        qkv = kernels.linear(self.qkv_proj, x, norm=norm).reshape(B, L, -1, self.head_dim)
         offset = cache.offset if cache is not None else 0
         # q/k-norm before RoPE, as the reference does; q, k, v: (B, heads, L, head_dim)
         q, k, v = kernels.attention_inputs(
@@ -72,7 +75,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         # GQA: each kv head serves n_heads / n_kv_heads query heads.
         out = kernels.attention(q, k, v, scale=self.scale, mask=mask, cache=cache)  # (B, L, D')
-        return kernels.linear(self.out_proj, out)
+        return kernels.linear(self.out_proj, out, residual=x)
 
 
 class MLP(nn.Module):
@@ -83,10 +86,12 @@ class MLP(nn.Module):
         self.proj_1 = nn.Linear(args.model_dim, (2 if self.glu else 1) * ffn_dim, bias=False)
         self.proj_2 = nn.Linear(ffn_dim, args.model_dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = kernels.linear(self.proj_1, x)
-        x = kernels.silu_gate(x) if self.glu else nn.silu(x)  # the first half is the gate
-        return kernels.linear(self.proj_2, x)
+    def __call__(self, x: mx.array, norm: nn.Module | None = None) -> mx.array:
+        """x + ffn(norm(x)): the pre-norm sublayer with its skip connection."""
+        h = kernels.linear(self.proj_1, x, norm=norm)
+        if self.glu:  # SwiGLU, the first half the gate
+            return kernels.linear(self.proj_2, h, gate=True, residual=x)
+        return kernels.linear(self.proj_2, nn.silu(h), residual=x)
 
 
 class TransformerBlock(nn.Module):
@@ -98,8 +103,10 @@ class TransformerBlock(nn.Module):
         self.ffn = MLP(args, layer_id)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        h = x + self.attn(kernels.rms_norm(self.attn_norm, x), mask, cache)
-        return h + self.ffn(kernels.rms_norm(self.ffn_norm, h))
+        # The norms and skip connections go into the sublayers' products: a decoding step runs
+        # them inside the product kernels (see kernels.linear).
+        h = self.attn(x, mask, cache, norm=self.attn_norm)
+        return self.ffn(h, norm=self.ffn_norm)
 
 
 class OpenELMModel(nn.Module):

@@ -96,6 +96,44 @@ def test_quantized_one_row_keeps_float32_accuracy_on_awkward_activations(group_s
     close(*both(kernels.linear, layer, x))
 
 
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 7])  # 7: the prefill path, the ops one by one
+@pytest.mark.parametrize("pre", ["norm", "gate", None])
+def test_linear_fuses_the_norm_or_gate_and_the_residual(bits, rows, pre):
+    k, n = 256, 96
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = normal(n, k, seed=7) * k**-0.5
+    if bits:
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=bits)
+    norm = nn.RMSNorm(k, eps=1e-5)
+    norm.weight = 1 + 0.1 * normal(k, seed=10)
+    x = normal(1, rows, 2 * k if pre == "gate" else k, seed=8)
+    res = normal(1, rows, n, seed=9)
+    opts = {"norm": norm} if pre == "norm" else {"gate": True} if pre == "gate" else {}
+    fast, ref = both(lambda x, res: kernels.linear(layer, x, residual=res, **opts), x, res)
+    close(fast, ref)
+    if rows == 1 and bits is None:  # what the kernel folds in, as separate ops
+        parts = kernels.rms_norm(norm, x) if pre == "norm" else x
+        parts = kernels.silu_gate(parts) if pre == "gate" else parts
+        assert mx.array_equal(fast, kernels.linear(layer, parts) + res)
+    # Training differentiates through the same call.
+    loss = lambda x, res: (kernels.linear(layer, x, residual=res, **opts) ** 2).sum()
+    for f, r in zip(*both(mx.grad(loss, argnums=(0, 1)), x, res)):
+        close(f, r)
+
+
+def test_fused_linear_rejects_what_does_not_match():
+    x, w = normal(1, 2, 64), mx.zeros((32, 64))
+    with pytest.raises(ValueError, match="residual"):
+        kernels._ext.linear(x, w, residual=mx.zeros((1, 2, 33)))
+    with pytest.raises(ValueError, match="norm's weight"):
+        kernels._ext.linear(x, w, norm_weight=mx.ones((63,)), eps=1e-5)
+    with pytest.raises(ValueError, match="2K"):
+        kernels._ext.linear(x, w, gate=True)
+    with pytest.raises(ValueError, match="not both"):
+        kernels._ext.linear(normal(1, 2, 128), w, norm_weight=mx.ones((64,)), gate=True)
+
+
 def test_quantized_tied_head_matches_mlx():
     emb = nn.Embedding(1000, 256)
     emb.weight = normal(1000, 256, seed=3) * 0.1

@@ -16,7 +16,9 @@ def test_breakdown_covers_every_kind_and_adds_up() -> None:
     report = profile.profile(ModelArgs(**TINY), prompt_tokens=24, trials=1)
     for phase in ("prefill", "decode"):
         r = report[phase]
-        kinds = {"matmul", "attention", "RMSNorm", "RoPE", "SiLU gate"}
+        kinds = {"matmul", "attention", "RMSNorm", "RoPE"}
+        if phase == "prefill":  # a decoding product runs the gate in its kernel
+            kinds.add("SiLU gate")
         assert kinds <= r.keys(), r
         assert all(r[k] > 0 for k in kinds | {"total", "synced total"}), r
         parts = sum(v for k, v in r.items() if k not in ("total", "synced total", "other"))

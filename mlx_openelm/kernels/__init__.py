@@ -122,8 +122,7 @@ def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
     )
 
 
-def linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """`layer(x)` for an `nn.Linear` or `nn.QuantizedLinear` without bias, through the kernels."""
+def _product(layer: nn.Module, x: mx.array) -> mx.array:
     if "bias" not in layer:
         if type(layer) is nn.Linear and x.size // x.shape[-1] <= MAX_ROWS:
             if _on_cpu(x, layer.weight):
@@ -131,6 +130,42 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
         elif type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
             return _quantized(x, layer)
     return layer(x)
+
+
+def linear(
+    layer: nn.Module,
+    x: mx.array,
+    *,
+    norm: nn.Module | None = None,
+    gate: bool = False,
+    residual: mx.array | None = None,
+) -> mx.array:
+    """`residual + layer(pre(x))` for an `nn.Linear` or `nn.QuantizedLinear` without bias, through
+    the kernels, where `pre` is `norm` (an `nn.RMSNorm`), the SiLU gate (`gate`: x = [gate, value])
+    or nothing, and `residual` (a skip connection shaped like the output) is optional. A decoding
+    product runs all of it in one kernel: in a decode step, MLX's scheduling of each small op costs
+    more than its arithmetic."""
+    fusable = (
+        x.size // x.shape[-1] <= MAX_ROWS
+        and "bias" not in layer
+        and (norm is None or (type(norm) is nn.RMSNorm and norm.weight.dtype == mx.float32))
+        and (residual is None or residual.dtype == mx.float32)
+    )
+    if fusable:
+        fused: dict[str, Any] = {"gate": gate, "residual": residual}
+        if norm is not None:
+            fused.update(norm_weight=norm.weight, eps=norm.eps)
+        if type(layer) is nn.Linear and _on_cpu(x, layer.weight):
+            return _ext.linear(x, layer.weight, **fused)
+        if type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
+            args = (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+            return _ext.quantized_linear(x, *args, **fused)
+    if norm is not None:
+        x = rms_norm(norm, x)
+    if gate:
+        x = silu_gate(x)
+    out = _product(layer, x)
+    return out if residual is None else residual + out
 
 
 def embedding_as_linear(embedding: nn.Module, x: mx.array) -> mx.array:

@@ -52,10 +52,20 @@ class CpuPrimitive : public mx::Primitive {
     bool fp32 = std::all_of(cotangents.begin(), cotangents.end(),
                             [](const mx::array& c) { return c.dtype() == mx::float32; });
     auto grads = fp32 ? grad_kernel(primals, cotangents, outputs) : std::vector<mx::array>{};
-    if (grads.empty()) grads = mx::vjp(reference_, primals, cotangents).second;
     std::vector<mx::array> out;
-    for (int i : argnums) out.push_back(grads[i]);
-    return out;
+    if (!grads.empty()) {
+      for (int i : argnums) out.push_back(grads[i]);
+      return out;
+    }
+    // The reference differentiated in the argnums inputs only: some inputs have no gradient
+    // (quantized weights).
+    auto f = [&](const std::vector<mx::array>& wrt) {
+      auto all = primals;
+      for (size_t j = 0; j < argnums.size(); j++) all[argnums[j]] = wrt[j];
+      return reference_(all);
+    };
+    for (int i : argnums) out.push_back(primals[i]);
+    return mx::vjp(f, out, cotangents).second;
   }
 
  protected:
@@ -195,5 +205,44 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 #endif
+
+// out = x * rsqrt(mean(x^2) + eps) * w over one row of D.
+inline void rms_row(const float* x, const float* w, float* out, int64_t D, float eps) {
+  int64_t k = 0;
+  float ss = 0;
+#ifdef OE_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; k + 8 <= D; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  ss = hsum(acc);
+#endif
+  for (; k < D; k++) ss += x[k] * x[k];
+  const float r = 1.0f / std::sqrt(ss / float(D) + eps);
+  k = 0;
+#ifdef OE_AVX2
+  const __m256 rv = _mm256_set1_ps(r);
+  for (; k + 8 <= D; k += 8)
+    _mm256_storeu_ps(out + k,
+                     _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), rv), _mm256_loadu_ps(w + k)));
+#endif
+  for (; k < D; k++) out[k] = x[k] * r * w[k];
+}
+
+// out = silu(x[0:F]) * x[F:2F] over one row of 2F (OpenELM's SwiGLU, the gate first).
+inline void silu_gate_row(const float* x, float* out, int64_t F) {
+  const float *a = x, *b = x + F;
+  int64_t k = 0;
+#ifdef OE_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; k + 8 <= F; k += 8) {
+    __m256 av = _mm256_loadu_ps(a + k);
+    __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, av))));
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(av, sig), _mm256_loadu_ps(b + k)));
+  }
+#endif
+  for (; k < F; k++) out[k] = a[k] / (1.0f + std::exp(-a[k])) * b[k];
+}
 
 }  // namespace oe

@@ -8,11 +8,19 @@
 namespace oe {
 
 // x (..., K) @ w.T, w (N, K): for a few rows (decoding).
-mx::array linear(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+// pre(x) @ w.T (+ residual), pre being RMSNorm with `norm_weight` and `eps`, the SiLU gate (x is
+// then (..., 2K)) or nothing: a decoding product with the ops beside it (linear.cpp says why).
+mx::array linear(const mx::array& x, const mx::array& w,
+                 const std::optional<mx::array>& norm_weight = std::nullopt, float eps = 0,
+                 bool gate = false, const std::optional<mx::array>& residual = std::nullopt,
+                 mx::StreamOrDevice s = {});
 
 // The same with MLX's affine quantized w (N, K*bits/32 uint32), scales and biases (N, K/group).
 mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
+                           const std::optional<mx::array>& norm_weight = std::nullopt,
+                           float eps = 0, bool gate = false,
+                           const std::optional<mx::array>& residual = std::nullopt,
                            mx::StreamOrDevice s = {});
 
 // MLX's affine quantized w as float32 (N, K).

@@ -13,9 +13,11 @@ namespace {
 // gave the CPU's prefetcher four streams per thread, and the quantized products ran at half the
 // speed they reach with one sequential stream (the README has the figures).
 
-// out[m, n] = x[m] . w[n] for MR input rows; two accumulators per row hide the FMA latency.
+// out[m, n] = x[m] . w[n] (+ res[m, n]) for MR input rows; two accumulators per row hide the FMA
+// latency.
 template <int MR>
-inline void f32_row(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n) {
+inline void f32_row(const float* x, const float* w, const float* res, float* out, int64_t K,
+                    int64_t N, int64_t n) {
   const float* wr = w + n * K;
   float acc_s[MR] = {};
   int64_t k = 0;
@@ -34,13 +36,13 @@ inline void f32_row(const float* x, const float* w, float* out, int64_t K, int64
 #endif
   for (; k < K; k++)
     for (int m = 0; m < MR; m++) acc_s[m] += wr[k] * x[m * K + k];
-  for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m];
+  for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m] + (res ? res[m * N + n] : 0.0f);
 }
 
 template <int MR>
-void f32_block(const float* x, const float* w, float* out, int64_t K, int64_t N) {
+void f32_block(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N) {
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) f32_row<MR>(x, w, out, K, N, n);
+    for (int64_t n = n0; n < n1; n++) f32_row<MR>(x, w, res, out, K, N, n);
   });
 }
 
@@ -72,11 +74,12 @@ inline float qvalue(const uint8_t* p, int64_t k) {
 // How many weight rows ahead the quantized products prefetch (8-bit rows ran ~20% faster).
 constexpr int64_t AHEAD = 4;
 
-// out[m, n] = sum_g scale[n,g] (x[m,g] . q[n,g]) + bias[n,g] sum(x[m,g]); xsum holds the sums,
-// so a group costs one FMA per eight weights and one per row to scale.
+// out[m, n] = sum_g scale[n,g] (x[m,g] . q[n,g]) + bias[n,g] sum(x[m,g]) (+ res[m, n]); xsum
+// holds the sums, so a group costs one FMA per eight weights and one per row to scale.
 template <int BITS, int MR, typename S>
 inline void q_row(const float* x, const float* xsum, const uint8_t* w, const S* scales,
-                  const S* biases, float* out, int64_t K, int64_t N, int64_t gs, int64_t n) {
+                  const S* biases, const float* res, float* out, int64_t K, int64_t N, int64_t gs,
+                  int64_t n) {
   const int64_t groups = K / gs;
   const uint8_t* wr = w + n * K * BITS / 8;
   float bias_acc[MR] = {}, acc_s[MR] = {};
@@ -129,13 +132,16 @@ inline void q_row(const float* x, const float* xsum, const uint8_t* w, const S* 
 #ifdef OE_AVX2
   for (int m = 0; m < MR; m++) acc_s[m] = hsum(acc[m]);
 #endif
-  for (int m = 0; m < MR; m++) out[m * N + n] = acc_s[m] + bias_acc[m];
+  for (int m = 0; m < MR; m++)
+    out[m * N + n] = acc_s[m] + bias_acc[m] + (res ? res[m * N + n] : 0.0f);
 }
 
 template <int BITS, int MR, typename S>
 void q_rows(const float* x, const float* xsum, const uint8_t* w, const S* scales, const S* biases,
-            float* out, int64_t K, int64_t N, int64_t gs, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n++) q_row<BITS, MR>(x, xsum, w, scales, biases, out, K, N, gs, n);
+            const float* res, float* out, int64_t K, int64_t N, int64_t gs, int64_t n0,
+            int64_t n1) {
+  for (int64_t n = n0; n < n1; n++)
+    q_row<BITS, MR>(x, xsum, w, scales, biases, res, out, K, N, gs, n);
 }
 
 #ifdef OE_VNNI
@@ -178,8 +184,8 @@ inline void split_x(const float* x, int64_t K, int8_t* pieces, float* d) {
 
 template <typename S>
 inline void q4_row_vnni(const int8_t* pieces, const float* d, const float* xsum, const uint8_t* w,
-                        const S* scales, const S* biases, float* out, int64_t K, int64_t gs,
-                        int64_t n) {
+                        const S* scales, const S* biases, const float* res, float* out, int64_t K,
+                        int64_t gs, int64_t n) {
   const int64_t groups = K / gs, row_bytes = K / 2;
   const uint8_t* wr = w + n * row_bytes;
   const S* sr = scales + n * groups;
@@ -210,7 +216,7 @@ inline void q4_row_vnni(const int8_t* pieces, const float* d, const float* xsum,
     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[0]), mult, acc1);
     acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s23), mult, acc23);
   }
-  out[n] = hsum(acc1) + hsum(acc23) / (PIECE * PIECE) + bias_acc;
+  out[n] = hsum(acc1) + hsum(acc23) / (PIECE * PIECE) + bias_acc + (res ? res[n] : 0.0f);
 }
 
 // Whether q4_row_vnni takes this shape: whole 64-element chunks, none across two groups.
@@ -219,13 +225,13 @@ inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 |
 
 template <int BITS, typename S>
 void q_block(int64_t mr, const float* x, const float* xsum, const uint8_t* w, const S* scales,
-             const S* biases, float* out, int64_t K, int64_t N, int64_t gs) {
+             const S* biases, const float* res, float* out, int64_t K, int64_t N, int64_t gs) {
   parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
     switch (mr) {
-      case 1: return q_rows<BITS, 1>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
-      case 2: return q_rows<BITS, 2>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
-      case 3: return q_rows<BITS, 3>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
-      default: return q_rows<BITS, 4>(x, xsum, w, scales, biases, out, K, N, gs, n0, n1);
+      case 1: return q_rows<BITS, 1>(x, xsum, w, scales, biases, res, out, K, N, gs, n0, n1);
+      case 2: return q_rows<BITS, 2>(x, xsum, w, scales, biases, res, out, K, N, gs, n0, n1);
+      case 3: return q_rows<BITS, 3>(x, xsum, w, scales, biases, res, out, K, N, gs, n0, n1);
+      default: return q_rows<BITS, 4>(x, xsum, w, scales, biases, res, out, K, N, gs, n0, n1);
     }
   });
 }
@@ -278,75 +284,184 @@ void check_quantized(const mx::array& w, const mx::array& scales, const mx::arra
 
 }  // namespace
 
+// ---- what a decoding product fuses ---------------------------------------------------------------
+//
+// In a decode step MLX's scheduling of a small op costs more than its arithmetic, so the products
+// take in the ops beside them: RMSNorm or the SiLU gate of the input rows (computed once, before the
+// threads start, with the same row functions as their own kernels) and the skip connection, added
+// as each output is stored. Their extra inputs follow the product's own: the norm's weight, then
+// the residual.
+struct Fusion {
+  enum Input { plain, rms_norm, silu_gate } input = plain;
+  float eps = 0;
+  bool residual = false;
+  bool operator==(const Fusion& o) const {
+    return input == o.input && eps == o.eps && residual == o.residual;
+  }
+};
+
+// Checks what is asked for against x (..., K or 2K with the gate) and the output, and appends the
+// fused inputs to the product's own.
+inline std::pair<Fusion, std::vector<mx::array>> fuse(
+    std::vector<mx::array> in, int64_t K, const mx::Shape& out_shape,
+    const std::optional<mx::array>& norm_weight, float eps, bool gate,
+    const std::optional<mx::array>& residual) {
+  const auto& x = in[0];
+  require(x.dtype() == mx::float32, "linear: float32 activations only");
+  require(!(norm_weight && gate), "linear: RMSNorm or the SiLU gate on the input, not both");
+  require(x.ndim() >= 1 && x.shape(-1) == (gate ? 2 * K : K),
+          "linear: x (..., K) does not match w (x is (..., 2K) with the gate)");
+  Fusion f;
+  if (norm_weight) {
+    require(norm_weight->dtype() == mx::float32 && norm_weight->shape() == mx::Shape{int(K)},
+            "linear: the norm's weight must be float32 (K,)");
+    f.input = Fusion::rms_norm;
+    f.eps = eps;
+    in.push_back(*norm_weight);
+  } else if (gate) {
+    f.input = Fusion::silu_gate;
+  }
+  if (residual) {
+    require(residual->dtype() == mx::float32 && residual->shape() == out_shape,
+            "linear: the residual must be float32 and shaped like the output");
+    f.residual = true;
+    in.push_back(*residual);
+  }
+  return {f, in};
+}
+
+// The same in MLX terms, around `product` (of the input rows): the kernels' own RMSNorm and gate,
+// whose vjps have kernels, and an add.
+inline std::vector<mx::array> fused_reference(const Fusion& f, const std::vector<mx::array>& in,
+                                              size_t n_own, mx::Stream s,
+                                              const std::function<mx::array(mx::array)>& product) {
+  size_t i = n_own;
+  mx::array x = in[0];
+  if (f.input == Fusion::rms_norm) x = rms_norm(x, in[i++], f.eps, s);
+  else if (f.input == Fusion::silu_gate) x = silu_gate(x, s);
+  auto out = product(x);
+  return {f.residual ? mx::add(out, in[i], s) : out};
+}
+
+// Row-major pointers to the fused inputs (null where there are none).
+struct FusedData {
+  const float* norm_weight = nullptr;
+  const float* residual = nullptr;
+};
+
+inline FusedData fused_data(const Fusion& f, const std::vector<mx::array>& in, size_t n_own,
+                            mx::cpu::CommandEncoder& enc) {
+  FusedData d;
+  size_t i = n_own;
+  if (f.input == Fusion::rms_norm) d.norm_weight = row_contiguous(in[i++], enc).data<float>();
+  if (f.residual) d.residual = row_contiguous(in[i], enc).data<float>();
+  return d;
+}
+
+// The product's M input rows of K: x itself, or its RMSNorm or SiLU gate in `buffer`.
+inline const float* input_rows(const Fusion& f, const float* x, const float* norm_weight,
+                               int64_t M, int64_t K, std::vector<float>& buffer) {
+  if (f.input == Fusion::plain) return x;
+  buffer.resize(M * K);
+  for (int64_t m = 0; m < M; m++) {
+    if (f.input == Fusion::rms_norm) rms_row(x + m * K, norm_weight, buffer.data() + m * K, K, f.eps);
+    else silu_gate_row(x + m * 2 * K, buffer.data() + m * K, K);
+  }
+  return buffer.data();
+}
+
 // ---- fp32 -------------------------------------------------------------------------------------
 
 class LinearF32 : public CpuPrimitive {
  public:
-  explicit LinearF32(mx::Stream s)
-      : CpuPrimitive(s, [s](const std::vector<mx::array>& in) {
-          return std::vector<mx::array>{mx::matmul(in[0], mx::transpose(in[1], s), s)};
-        }) {}
+  LinearF32(mx::Stream s, Fusion fusion)
+      : CpuPrimitive(s, [s, fusion](const std::vector<mx::array>& in) {
+          return fused_reference(fusion, in, 2, s, [&](mx::array x) {
+            return mx::matmul(x, mx::transpose(in[1], s), s);
+          });
+        }),
+        fusion_(fusion) {}
   const char* name() const override { return "OpenELMLinear"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return fusion_ == static_cast<const LinearF32&>(other).fusion_;
+  }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc);
+    const FusedData fd = fused_data(fusion_, inputs, 2, enc);
     auto& out = outputs[0];
     alloc(out);
-    int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
-    enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), op = out.data<float>(), M, K, N]() {
+    int64_t K = w.shape(1), N = w.shape(0), M = x.size() / x.shape(-1);
+    enc.dispatch([x_in = x.data<float>(), wp = w.data<float>(), fd, f = fusion_,
+                  op = out.data<float>(), M, K, N]() {
+      std::vector<float> buffer;
+      const float* xp = input_rows(f, x_in, fd.norm_weight, M, K, buffer);
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         int64_t mr = std::min<int64_t>(4, M - m0);
         const float* xm = xp + m0 * K;
+        const float* rm = fd.residual ? fd.residual + m0 * N : nullptr;
         float* om = op + m0 * N;
         switch (mr) {
-          case 1: f32_block<1>(xm, wp, om, K, N); break;
-          case 2: f32_block<2>(xm, wp, om, K, N); break;
-          case 3: f32_block<3>(xm, wp, om, K, N); break;
-          default: f32_block<4>(xm, wp, om, K, N);
+          case 1: f32_block<1>(xm, wp, rm, om, K, N); break;
+          case 2: f32_block<2>(xm, wp, rm, om, K, N); break;
+          case 3: f32_block<3>(xm, wp, rm, om, K, N); break;
+          default: f32_block<4>(xm, wp, rm, om, K, N);
         }
       }
     });
   }
+
+ private:
+  Fusion fusion_;
 };
 
-mx::array linear(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
-  require(x.dtype() == mx::float32 && w.dtype() == mx::float32, "linear: float32 only");
-  require(w.ndim() == 2 && x.ndim() >= 1 && x.shape(-1) == w.shape(1),
-          "linear: x (..., K) and w (N, K) do not match");
+mx::array linear(const mx::array& x, const mx::array& w,
+                 const std::optional<mx::array>& norm_weight, float eps, bool gate,
+                 const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
+  require(w.dtype() == mx::float32 && w.ndim() == 2, "linear: w must be float32 (N, K)");
+  require(x.ndim() >= 1, "linear: x must be (..., K)");
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  return mx::array(shape, mx::float32, std::make_shared<LinearF32>(cpu_stream(s)), {x, w});
+  auto [fusion, inputs] = fuse({x, w}, w.shape(1), shape, norm_weight, eps, gate, residual);
+  return mx::array(shape, mx::float32, std::make_shared<LinearF32>(cpu_stream(s), fusion), inputs);
 }
 
 // ---- MLX affine quantized -----------------------------------------------------------------------
 
 class QuantizedLinear : public CpuPrimitive {
  public:
-  QuantizedLinear(mx::Stream s, int group_size, int bits)
-      : CpuPrimitive(s, [s, group_size, bits](const std::vector<mx::array>& in) {
-          return std::vector<mx::array>{mx::quantized_matmul(in[0], in[1], in[2], in[3], true,
-                                                             group_size, bits, "affine", s)};
+  QuantizedLinear(mx::Stream s, int group_size, int bits, Fusion fusion)
+      : CpuPrimitive(s, [s, group_size, bits, fusion](const std::vector<mx::array>& in) {
+          return fused_reference(fusion, in, 4, s, [&](mx::array x) {
+            return mx::quantized_matmul(x, in[1], in[2], in[3], true, group_size, bits, "affine",
+                                        s);
+          });
         }),
-        group_size_(group_size), bits_(bits) {}
+        group_size_(group_size), bits_(bits), fusion_(fusion) {}
   const char* name() const override { return "OpenELMQuantizedLinear"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedLinear&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && fusion_ == o.fusion_;
   }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc);
     auto scales = row_contiguous(inputs[2], enc), biases = row_contiguous(inputs[3], enc);
+    const FusedData fd = fused_data(fusion_, inputs, 4, enc);
     auto& out = outputs[0];
     alloc(out);
-    int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K, gs = group_size_;
+    int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / x.shape(-1);
+    int64_t gs = group_size_;
     auto run = [&](auto tag) {
       using S = decltype(tag);
-      enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<S>(),
-                    bp = biases.data<S>(), op = out.data<float>(), M, K, N, gs, bits = bits_]() {
+      enc.dispatch([x_in = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<S>(),
+                    bp = biases.data<S>(), fd, f = fusion_, op = out.data<float>(), M, K, N, gs,
+                    bits = bits_]() {
+        std::vector<float> buffer;
+        const float* xp = input_rows(f, x_in, fd.norm_weight, M, K, buffer);
+        const float* rp = fd.residual;
         const int64_t groups = K / gs;
         std::vector<float> xsum(M * groups);
         for (int64_t i = 0; i < M * groups; i++) {
@@ -361,7 +476,7 @@ class QuantizedLinear : public CpuPrimitive {
           split_x(xp, K, pieces.data(), d.data());
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
             for (int64_t n = n0; n < n1; n++)
-              q4_row_vnni<S>(pieces.data(), d.data(), xsum.data(), wp, sp, bp, op, K, gs, n);
+              q4_row_vnni<S>(pieces.data(), d.data(), xsum.data(), wp, sp, bp, rp, op, K, gs, n);
           });
           return;
         }
@@ -380,10 +495,10 @@ class QuantizedLinear : public CpuPrimitive {
         const float* xk = xt.empty() ? xp : xt.data();
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
           int64_t mr = std::min<int64_t>(4, M - m0);
-          if (bits == 8)
-            q_block<8, S>(mr, xk + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
-          else
-            q_block<4, S>(mr, xk + m0 * K, xsum.data() + m0 * groups, wp, sp, bp, op + m0 * N, K, N, gs);
+          const float *xm = xk + m0 * K, *xs = xsum.data() + m0 * groups;
+          const float* rm = rp ? rp + m0 * N : nullptr;
+          if (bits == 8) q_block<8, S>(mr, xm, xs, wp, sp, bp, rm, op + m0 * N, K, N, gs);
+          else q_block<4, S>(mr, xm, xs, wp, sp, bp, rm, op + m0 * N, K, N, gs);
         }
       });
     };
@@ -392,20 +507,22 @@ class QuantizedLinear : public CpuPrimitive {
 
  private:
   int group_size_, bits_;
+  Fusion fusion_;
 };
 
 mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
-                           mx::StreamOrDevice s) {
+                           const std::optional<mx::array>& norm_weight, float eps, bool gate,
+                           const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
   check_quantized(w, scales, biases, group_size, bits);
-  require(x.dtype() == mx::float32, "quantized_linear: float32 activations only");
-  require(x.ndim() >= 1 && x.shape(-1) == w.shape(1) * 32 / bits,
-          "quantized_linear: x (..., K) does not match w");
+  require(x.ndim() >= 1, "quantized_linear: x must be (..., K)");
   auto shape = x.shape();
   shape.back() = w.shape(0);
+  auto [fusion, inputs] = fuse({x, w, scales, biases}, w.shape(1) * 32 / bits, shape, norm_weight,
+                               eps, gate, residual);
   return mx::array(shape, mx::float32,
-                   std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits),
-                   {x, w, scales, biases});
+                   std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits, fusion),
+                   inputs);
 }
 
 

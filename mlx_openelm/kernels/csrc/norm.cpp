@@ -8,30 +8,6 @@ namespace oe {
 
 namespace {
 
-// out = x * rsqrt(mean(x^2) + eps) * w over one row of D.
-inline void rms_row(const float* x, const float* w, float* out, int64_t D, float eps) {
-  int64_t k = 0;
-  float ss = 0;
-#ifdef OE_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; k + 8 <= D; k += 8) {
-    __m256 v = _mm256_loadu_ps(x + k);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  ss = hsum(acc);
-#endif
-  for (; k < D; k++) ss += x[k] * x[k];
-  const float r = 1.0f / std::sqrt(ss / float(D) + eps);
-  k = 0;
-#ifdef OE_AVX2
-  const __m256 rv = _mm256_set1_ps(r);
-  for (; k + 8 <= D; k += 8)
-    _mm256_storeu_ps(out + k,
-                     _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), rv), _mm256_loadu_ps(w + k)));
-#endif
-  for (; k < D; k++) out[k] = x[k] * r * w[k];
-}
-
 // RMSNorm's backward over one row: with u = x r, dx = r (du - u mean(u du)) for du = g w, and
 // g u added into dw (the weight's gradient, summed over rows by the caller).
 inline void rms_row_backward(const float* x, const float* w, const float* g, float* dx, float* dw,
@@ -205,20 +181,7 @@ class SiluGate : public CpuPrimitive {
     int64_t F = out.shape(-1), rows = out.size() / F;
     enc.dispatch([xp = x.data<float>(), op = out.data<float>(), F, rows]() {
       parallel_for(rows, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) {
-          const float *a = xp + r * 2 * F, *b = a + F;
-          float* o = op + r * F;
-          int64_t k = 0;
-#ifdef OE_AVX2
-          const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-          for (; k + 8 <= F; k += 8) {
-            __m256 av = _mm256_loadu_ps(a + k);
-            __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, av))));
-            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_mul_ps(av, sig), _mm256_loadu_ps(b + k)));
-          }
-#endif
-          for (; k < F; k++) o[k] = a[k] / (1.0f + std::exp(-a[k])) * b[k];
-        }
+        for (int64_t r = r0; r < r1; r++) silu_gate_row(xp + r * 2 * F, op + r * F, F);
       });
     });
   }
