@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 
+from . import kernels
 from .chat_template import encode_conversation
 from .errors import UserError, check_utf8
 from .prepare import LogitsProcessor, Sampler, prepare
@@ -86,7 +87,7 @@ def generate_step(
             tokens = ids if tokens is None else mx.concatenate([tokens, ids])
             for processor in logits_processors:
                 logits = processor(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = kernels.log_softmax(logits)
         return sampler(logprobs), logprobs.squeeze(0)
 
     # Prefill all but the last token in chunks, evaluating each so the graph stays small.

@@ -134,6 +134,18 @@ def test_fused_linear_rejects_what_does_not_match():
         kernels._ext.linear(normal(1, 2, 128), w, norm_weight=mx.ones((64,)), gate=True)
 
 
+@pytest.mark.parametrize("shape", [(1, 32000), (3, 7), (2, 5, 1001)])
+def test_log_softmax_matches_mlx(shape):
+    x = normal(*shape, seed=11) * 4
+    x[..., 1] = -float("inf")  # a masked logit
+    fast, ref = both(kernels.log_softmax, x)
+    assert mx.array_equal(mx.isinf(fast), mx.isinf(ref))
+    finite = mx.isfinite(ref)
+    close(mx.where(finite, fast, 0), mx.where(finite, ref, 0))
+    loss = lambda x: (kernels.log_softmax(x) * mx.arange(shape[-1])).sum()
+    close(*both(mx.grad(loss), normal(*shape, seed=12)))
+
+
 def test_quantized_tied_head_matches_mlx():
     emb = nn.Embedding(1000, 256)
     emb.weight = normal(1000, 256, seed=3) * 0.1

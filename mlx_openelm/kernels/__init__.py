@@ -4,8 +4,8 @@ MLX's CPU back end on x86 and Linux ARM is scalar (SIMD width 1 outside Apple's 
 RMSNorm, RoPE and attention as graphs of small ops, and quantized products as a scalar loop. These
 kernels (C++ `Primitive`s with AVX2/FMA and OpenMP, `csrc/`) replace those pieces when the model
 runs on a CPU stream: few-row products for decoding (fp32 and MLX's affine 4/8-bit), dequantize
-for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE), attention and
-the training loss (cross-entropy).
+for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE), attention, the
+training loss (cross-entropy) and the log-softmax that decoding samples from.
 
 Each op here takes what the model has and returns what MLX's own ops would: the kernel when it
 applies (CPU stream, float32, a shape it handles), else the MLX op, so Metal, CUDA, a Mac (which
@@ -264,6 +264,13 @@ def _attention_reference(q, k, v, *, scale, mask, cache) -> mx.array:
 
 
 # ---- the loss --------------------------------------------------------------------------------
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """`logits - logsumexp(logits)` over the last axis: what decoding samples from, every token."""
+    if _on_cpu(logits):
+        return _ext.log_softmax(logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:

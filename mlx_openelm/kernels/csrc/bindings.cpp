@@ -38,6 +38,7 @@ NB_MODULE(_openelm_kernels, m) {
         "stream"_a = nb::none());
   m.def("cross_entropy", &oe::cross_entropy, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("log_softmax", &oe::log_softmax, "x"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("set_threads", [](int n) { omp_set_num_threads(n); }, "n"_a);
   m.def("threads", []() { return omp_get_max_threads(); });
 }

@@ -55,4 +55,6 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets,
                         mx::StreamOrDevice s = {});
 
+mx::array log_softmax(const mx::array& x, mx::StreamOrDevice s = {});
+
 }  // namespace oe
