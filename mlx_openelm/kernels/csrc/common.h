@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,6 +37,21 @@ namespace oe {
 // The same computation in MLX ops: what the kernel must equal, and where its gradient comes from.
 using Reference = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
 
+// The vjp of `f` in the inputs `wrt` of `primals`, the others held fixed: their gradients, in the
+// order of `wrt`. Only those are differentiated: some inputs have no gradient (quantized weights).
+inline std::vector<mx::array> vjp_in(const Reference& f, const std::vector<mx::array>& primals,
+                                     const std::vector<int>& wrt,
+                                     const std::vector<mx::array>& cotangents) {
+  auto g = [&](const std::vector<mx::array>& x) {
+    auto all = primals;
+    for (size_t j = 0; j < wrt.size(); j++) all[wrt[j]] = x[j];
+    return f(all);
+  };
+  std::vector<mx::array> x;
+  for (int i : wrt) x.push_back(primals[i]);
+  return mx::vjp(g, x, cotangents).second;
+}
+
 // Each kernel is a Primitive with a CPU implementation only (the Python side sends other devices
 // to MLX's own ops). Its vjp is its reference's, so training through a kernel is exact; the
 // backward pass is MLX's, unless the kernel has a backward kernel of its own (`grad_kernel`).
@@ -52,20 +68,10 @@ class CpuPrimitive : public mx::Primitive {
     bool fp32 = std::all_of(cotangents.begin(), cotangents.end(),
                             [](const mx::array& c) { return c.dtype() == mx::float32; });
     auto grads = fp32 ? grad_kernel(primals, cotangents, outputs) : std::vector<mx::array>{};
+    if (grads.empty()) return vjp_in(reference_, primals, argnums, cotangents);
     std::vector<mx::array> out;
-    if (!grads.empty()) {
-      for (int i : argnums) out.push_back(grads[i]);
-      return out;
-    }
-    // The reference differentiated in the argnums inputs only: some inputs have no gradient
-    // (quantized weights).
-    auto f = [&](const std::vector<mx::array>& wrt) {
-      auto all = primals;
-      for (size_t j = 0; j < argnums.size(); j++) all[argnums[j]] = wrt[j];
-      return reference_(all);
-    };
-    for (int i : argnums) out.push_back(primals[i]);
-    return mx::vjp(f, out, cotangents).second;
+    for (int i : argnums) out.push_back(grads[i]);
+    return out;
   }
 
  protected:
@@ -84,14 +90,10 @@ class CpuPrimitive : public mx::Primitive {
 // The reference of a backward kernel whose inputs are the forward's `n_inputs` inputs, anything
 // else it needs, and last the cotangent: the vjp of `forward` in its first `n_wrt` inputs.
 inline Reference backward_reference(Reference forward, int n_inputs, int n_wrt) {
+  std::vector<int> wrt(n_wrt);
+  std::iota(wrt.begin(), wrt.end(), 0);
   return [=](const std::vector<mx::array>& in) {
-    const std::vector<mx::array> fixed(in.begin() + n_wrt, in.begin() + n_inputs);
-    auto f = [&](const std::vector<mx::array>& wrt) {
-      auto all = wrt;
-      all.insert(all.end(), fixed.begin(), fixed.end());
-      return forward(all);
-    };
-    return mx::vjp(f, {in.begin(), in.begin() + n_wrt}, {in.back()}).second;
+    return vjp_in(forward, {in.begin(), in.begin() + n_inputs}, wrt, {in.back()});
   };
 }
 

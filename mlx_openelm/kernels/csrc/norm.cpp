@@ -234,15 +234,11 @@ class AttentionInputsGrad : public CpuPrimitive {
   AttentionInputsGrad(mx::Stream s, Reference forward, int nq, int nkv, bool qk_norm, float eps,
                       int offset)
       : CpuPrimitive(s, [forward, qk_norm](const std::vector<mx::array>& in) {
+          // In qkv and the norm weights; inv_freqs (input 1) is a constant.
           const size_t n = qk_norm ? 4 : 2;
-          auto f = [&](const std::vector<mx::array>& wrt) {
-            std::vector<mx::array> all = {wrt[0], in[1]};
-            if (qk_norm) all.insert(all.end(), {wrt[1], wrt[2]});
-            return forward(all);
-          };
-          std::vector<mx::array> primals = {in[0]};
-          if (qk_norm) primals.insert(primals.end(), {in[2], in[3]});
-          return mx::vjp(f, primals, {in.begin() + n, in.end()}).second;
+          return vjp_in(forward, {in.begin(), in.begin() + n},
+                        qk_norm ? std::vector<int>{0, 2, 3} : std::vector<int>{0},
+                        {in.begin() + n, in.end()});
         }),
         nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
   const char* name() const override { return "OpenELMAttentionInputsGrad"; }
