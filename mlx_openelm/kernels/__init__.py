@@ -105,8 +105,12 @@ def _on_cpu(*arrays: mx.array) -> bool:
     )
 
 
+def _quantized_args(layer: nn.Module) -> tuple:
+    return (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+
 def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
-    args = (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    args = _quantized_args(layer)
     if x.size // x.shape[-1] <= MAX_ROWS:
         return _ext.quantized_linear(x, *args)
     return x @ _ext.dequantize(*args).T  # prefill: dequantize once, then one sgemm
@@ -158,8 +162,7 @@ def linear(
         if type(layer) is nn.Linear and _on_cpu(x, layer.weight):
             return _ext.linear(x, layer.weight, **fused)
         if type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
-            args = (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-            return _ext.quantized_linear(x, *args, **fused)
+            return _ext.quantized_linear(x, *_quantized_args(layer), **fused)
     if norm is not None:
         x = rms_norm(norm, x)
     if gate:

@@ -300,17 +300,25 @@ struct Fusion {
   }
 };
 
-// Checks what is asked for against x (..., K or 2K with the gate) and the output, and appends the
-// fused inputs to the product's own.
-inline std::pair<Fusion, std::vector<mx::array>> fuse(
-    std::vector<mx::array> in, int64_t K, const mx::Shape& out_shape,
-    const std::optional<mx::array>& norm_weight, float eps, bool gate,
-    const std::optional<mx::array>& residual) {
+// A product's graph node: what it fuses, its inputs (its own, x first, then the fused ones) and
+// the output's shape (x's with N for its last axis).
+struct FusedProduct {
+  Fusion fusion;
+  std::vector<mx::array> inputs;
+  mx::Shape shape;
+};
+
+// Checks what is asked for against x (..., K, or 2K with the gate) and the output (..., N).
+inline FusedProduct fuse(std::vector<mx::array> in, int64_t K, int64_t N,
+                         const std::optional<mx::array>& norm_weight, float eps, bool gate,
+                         const std::optional<mx::array>& residual) {
   const auto& x = in[0];
   require(x.dtype() == mx::float32, "linear: float32 activations only");
   require(!(norm_weight && gate), "linear: RMSNorm or the SiLU gate on the input, not both");
   require(x.ndim() >= 1 && x.shape(-1) == (gate ? 2 * K : K),
           "linear: x (..., K) does not match w (x is (..., 2K) with the gate)");
+  auto out_shape = x.shape();
+  out_shape.back() = int(N);
   Fusion f;
   if (norm_weight) {
     require(norm_weight->dtype() == mx::float32 && norm_weight->shape() == mx::Shape{int(K)},
@@ -327,7 +335,7 @@ inline std::pair<Fusion, std::vector<mx::array>> fuse(
     f.residual = true;
     in.push_back(*residual);
   }
-  return {f, in};
+  return {f, std::move(in), std::move(out_shape)};
 }
 
 // The same in MLX terms, around `product` (of the input rows): the kernels' own RMSNorm and gate,
@@ -420,11 +428,9 @@ mx::array linear(const mx::array& x, const mx::array& w,
                  const std::optional<mx::array>& norm_weight, float eps, bool gate,
                  const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
   require(w.dtype() == mx::float32 && w.ndim() == 2, "linear: w must be float32 (N, K)");
-  require(x.ndim() >= 1, "linear: x must be (..., K)");
-  auto shape = x.shape();
-  shape.back() = w.shape(0);
-  auto [fusion, inputs] = fuse({x, w}, w.shape(1), shape, norm_weight, eps, gate, residual);
-  return mx::array(shape, mx::float32, std::make_shared<LinearF32>(cpu_stream(s), fusion), inputs);
+  auto p = fuse({x, w}, w.shape(1), w.shape(0), norm_weight, eps, gate, residual);
+  return mx::array(p.shape, mx::float32, std::make_shared<LinearF32>(cpu_stream(s), p.fusion),
+                   p.inputs);
 }
 
 // ---- MLX affine quantized -----------------------------------------------------------------------
@@ -515,14 +521,11 @@ mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::arr
                            const std::optional<mx::array>& norm_weight, float eps, bool gate,
                            const std::optional<mx::array>& residual, mx::StreamOrDevice s) {
   check_quantized(w, scales, biases, group_size, bits);
-  require(x.ndim() >= 1, "quantized_linear: x must be (..., K)");
-  auto shape = x.shape();
-  shape.back() = w.shape(0);
-  auto [fusion, inputs] = fuse({x, w, scales, biases}, w.shape(1) * 32 / bits, shape, norm_weight,
-                               eps, gate, residual);
-  return mx::array(shape, mx::float32,
-                   std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits, fusion),
-                   inputs);
+  auto p = fuse({x, w, scales, biases}, w.shape(1) * 32 / bits, w.shape(0), norm_weight, eps,
+                gate, residual);
+  return mx::array(p.shape, mx::float32,
+                   std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits, p.fusion),
+                   p.inputs);
 }
 
 
