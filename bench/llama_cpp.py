@@ -5,13 +5,16 @@ MLX rows: f32 beside fp32, f16/bf16 beside 16-bit, q8_0/q4_0 beside MLX 8-/4-bit
 is the placeholder one (one character per id), so the bench's prompts, which are raw ids, can be
 written as text for `llama-completion` and its greedy output read back as ids for the token check
 (f32 only). `llama-bench` times prefill as `pp N` and decode as `tg G` at depth N (G tokens after
-an N-token prompt), with the same thread count; its KV cache is f16 (it offers no f32).
+an N-token prompt), with the same thread count; its KV cache is f16 (it offers no f32). Each test
+runs with flash attention off and on, and the faster counts: which one wins depends on the machine
+(on a 2-core Xeon VM, q4_0 decode at depth 512 read 69 tok/s off and 47 on, llama.cpp's default).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,6 +83,13 @@ def _run(cmd: list[str]) -> tuple[str, int]:
         _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not all children's
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
+        if proc.returncode == -signal.SIGILL:
+            raise UserError(
+                f"{Path(cmd[0]).name} died on an illegal instruction: this llama.cpp build uses "
+                "CPU instructions this machine will not run (AMX in some VMs); rebuild it with "
+                "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' (and the same "
+                "CMAKE_CXX_FLAGS)"
+            )
         if proc.returncode != 0:
             err.seek(0)
             tail = [line for line in err.read().splitlines() if line.strip()][-3:]
@@ -122,12 +132,26 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     sees it, the KV cache types).
     """
     lengths, gen, trials = spec["prompt_tokens"], spec["gen_tokens"], spec["trials"]
-    common = ["-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(trials), "-o", "json"]
+    common = [
+        "-m",
+        spec["gguf"],
+        "-t",
+        str(spec["threads"]),
+        "-r",
+        str(trials),
+        "-o",
+        "json",
+        "-fa",
+        "0,1",
+    ]
     csv = ",".join(map(str, lengths))
     pp_out, pp_rss = _run([spec["tools"]["bench"], *common, "-p", csv, "-n", "0"])
     tg_out, tg_rss = _run([spec["tools"]["bench"], *common, "-p", "0", "-n", str(gen), "-d", csv])
-    tests = {(t["n_prompt"], t["n_gen"], t["n_depth"]): t for t in
-             json.loads(pp_out) + json.loads(tg_out)}  # fmt: skip
+    tests: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for t in json.loads(pp_out) + json.loads(tg_out):  # the faster of flash attention off and on
+        key = (t["n_prompt"], t["n_gen"], t["n_depth"])
+        if key not in tests or t["avg_ts"] > tests[key]["avg_ts"]:
+            tests[key] = t
     check = spec.get("check", True) and spec["tools"]["completion"] and spec["gguf_type"] == "f32"
     rows = []
     for n in lengths:
@@ -150,6 +174,7 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
             llama_bench=dict(
                 build=f"{pp['build_commit']} ({pp['build_number']})", model_type=pp["model_type"],
                 model_size=pp["model_size"], type_k=tg["type_k"], type_v=tg["type_v"],
+                flash_attn=dict(prefill=pp["flash_attn"], decode=tg["flash_attn"]),
             ),
         ))  # fmt: skip
         r = rows[-1]

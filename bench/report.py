@@ -49,7 +49,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             console.print(
                 f"{r['implementation']}: llama-bench {lb['build']}, {lb['model_type']}, KV cache "
                 f"{lb['type_k']}, {r['threads']} threads; prefill = pp N, decode = tg "
-                f"{settings['gen_tokens']} at depth N"
+                f"{settings['gen_tokens']} at depth N; flash attention {_on_off(lb, 'prefill')} "
+                f"for prefill, {_on_off(lb, 'decode')} for decode (the faster)"
             )
     for ratio in report["ratios"]:
         console.print(
@@ -75,6 +76,11 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             f"machine: {machine['cpu']} x{machine['cpu_count']}, MLX BLAS {machine['mlx_blas']}; "
             f"load average at start {start}, at end {end}"
         )
+
+
+def _on_off(llama_bench: dict[str, Any], test: str) -> str:
+    fa = llama_bench.get("flash_attn", {}).get(test)  # reports older than the choice lack it
+    return "?" if fa is None else "on" if fa else "off"
 
 
 def _spread(r: dict[str, Any], key: str, digits: int) -> str:
