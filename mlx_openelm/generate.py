@@ -1,9 +1,10 @@
 """Text generation in three layers, as in mlx-lm: `generate_step` (token ids) -> `stream_generate`
 (text pieces, timing, stop conditions) -> `generate` (the whole text). `run` is the CLI command.
 
-Sampling, repetition penalty, the KV cache and the streaming detokenizer are mlx-lm's. The step
-is our own because `chat` reuses one KV cache across turns: ours also feeds the last token to the
-model, so the cache holds the prompt and every token yielded, where mlx-lm's stops one short at
+Sampling, repetition penalty and the streaming detokenizer are mlx-lm's; the KV cache is the
+model's own (`kv_cache.py`, made through mlx-lm's `make_prompt_cache`). The step is our own
+because `chat` reuses one KV cache across turns: ours also feeds the last token to the model, so
+the cache holds the prompt and every token yielded, where mlx-lm's stops one short at
 `max_tokens` (a reply cut at the length limit would then lose its last token).
 """
 

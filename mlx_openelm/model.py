@@ -16,6 +16,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from . import kernels
 from .config import ModelArgs
+from .kv_cache import KVCache
 
 
 class NaiveRMSNorm(nn.Module):
@@ -60,6 +61,13 @@ class Attention(nn.Module):
         """x + attention(norm(x)): the pre-norm sublayer with its skip connection."""
         B, L, D = x.shape
         qkv = kernels.linear(self.qkv_proj, x, norm=norm).reshape(B, L, -1, self.head_dim)
+        if cache is not None:  # on a CPU, two kernels: one writes k and v, one attends
+            out = kernels.cached_attention(
+                qkv, cache, self.n_heads, self.n_kv_heads, self.get("q_norm"),
+                self.get("k_norm"), self.rope, self.scale,
+            )  # fmt: skip
+            if out is not None:
+                return kernels.linear(self.out_proj, out, residual=x)
         offset = cache.offset if cache is not None else 0
         # q/k-norm before RoPE, as the reference does; q, k, v: (B, heads, L, head_dim)
         q, k, v = kernels.attention_inputs(
@@ -145,3 +153,7 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.transformer.layers
+
+    def make_cache(self) -> list[KVCache]:
+        """The KV cache for generation (mlx-lm's `make_prompt_cache` calls this)."""
+        return [KVCache() for _ in self.layers]

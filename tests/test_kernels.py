@@ -248,6 +248,72 @@ def test_attention_matches_sdpa_through_a_kv_cache(nq, nkv, hd, length, past):
     close(*both(lambda: kernels.attention(q, k, v, scale=hd**-0.5, mask=mask, cache=cache)))
 
 
+def _heads(nq: int, nkv: int, hd: int, qk_norm: bool):
+    norms = [None, None]
+    if qk_norm:
+        norms = [nn.RMSNorm(hd, eps=1e-6), nn.RMSNorm(hd, eps=1e-6)]
+        for i, n in enumerate(norms):
+            n.weight = 1 + 0.1 * normal(hd, seed=5 + i)
+    return norms, nn.RoPE(hd, traditional=False, base=10000)
+
+
+def _cached_layer(nq, nkv, hd, norms, rope):
+    """One layer's attention over our KV cache, as the model runs it: the two kernels, or (with
+    the kernels off) the attention inputs, the cache's update_and_fetch and MLX's attention."""
+    from mlx_openelm.kv_cache import KVCache
+
+    cache = KVCache()
+
+    def step(qkv):
+        out = kernels.cached_attention(qkv, cache, nq, nkv, *norms, rope, hd**-0.5)
+        if out is None:
+            q, k, v = kernels.attention_inputs(qkv, nq, nkv, *norms, rope, cache.offset)
+            k, v = cache.update_and_fetch(k, v)
+            mask = "causal" if qkv.shape[1] > 1 else None
+            out = kernels.attention(q, k, v, scale=hd**-0.5, mask=mask, cache=cache)
+        return out
+
+    return cache, step
+
+
+@pytest.mark.parametrize("nq,nkv,hd", ATTN_SHAPES + [(3, 3, 12)])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_attention_matches_the_ops_it_replaces(nq, nkv, hd, qk_norm, batch):
+    """Prefill in chunks (past the 256-position capacity step), then decode steps: each output,
+    and the cache's keys and values, as the separate ops give them."""
+    norms, rope = _heads(nq, nkv, hd, qk_norm)
+    fast_cache, fast = _cached_layer(nq, nkv, hd, norms, rope)
+    ref_cache, ref = _cached_layer(nq, nkv, hd, norms, rope)
+    for i, length in enumerate([200, 1, 67, 1, 1]):
+        qkv = normal(batch, length, nq + 2 * nkv, hd, seed=20 + i)
+        out = fast(qkv)
+        with kernels.disabled():
+            expected = ref(qkv)
+        close(out, expected)
+        assert fast_cache.offset == ref_cache.offset
+        n = fast_cache.offset
+        close(fast_cache.kv[..., :n, :], ref_cache.kv[..., :n, :])
+
+
+def test_cached_attention_writes_the_cache_in_place_and_copies_a_cache_still_read():
+    import numpy as np
+
+    norms, rope = _heads(8, 2, 64, True)
+    cache, step = _cached_layer(8, 2, 64, norms, rope)
+    address = lambda a: np.array(a, copy=False).__array_interface__["data"][0]  # noqa: E731
+    mx.eval(step(normal(1, 30, 12, 64)), cache.kv)
+    before = address(cache.kv)
+    for i in range(3):  # decode: the buffer is MLX's to give, so the keys go into it in place
+        mx.eval(step(normal(1, 1, 12, 64, seed=i)), cache.kv)
+        assert address(cache.kv) == before
+    held = cache.kv  # still read here: the kernel must write a copy, and leave this one as it was
+    kept = mx.array(np.array(held))
+    mx.eval(step(normal(1, 1, 12, 64, seed=9)), cache.kv)
+    assert address(cache.kv) != address(held) and mx.array_equal(held, kept)
+    assert not mx.array_equal(cache.kv, held)
+
+
 @pytest.mark.parametrize("length,keys", [(5, 11), (1, 300)])  # one row: keys in spans, merged
 def test_attention_without_mask_sees_every_key(length, keys):
     q = normal(2, 8, length, 64)

@@ -214,28 +214,64 @@ def attention_inputs(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """qkv (B, L, n_heads + 2 n_kv_heads, head_dim) -> q, k, v (B, heads, L, head_dim), with q/k
     RMS-normed (when the norms are given) and rotated from position `offset`."""
+    if isinstance(offset, int) and _heads_ok(qkv, q_norm, k_norm, rope):
+        qw, kw, eps, freqs = _head_args(q_norm, k_norm, rope)
+        return tuple(
+            _ext.attention_inputs(qkv, n_heads, n_kv_heads, qw, kw, eps, freqs, rope.base, offset)
+        )
+    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [n_heads, n_heads + n_kv_heads], axis=1)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)  # before RoPE, as the reference does
+    return rope(q, offset=offset), rope(k, offset=offset), v
+
+
+def _heads_ok(qkv: mx.array, q_norm: Any, k_norm: Any, rope: nn.RoPE) -> bool:
+    """Whether the kernels can split, norm and rotate qkv's heads as these layers would."""
     norms = [q_norm, k_norm] if q_norm is not None else []
-    usable = (
+    return (
         all(type(n) is nn.RMSNorm for n in norms)
         and (not norms or q_norm.eps == k_norm.eps)
         and type(rope) is nn.RoPE
         and not rope.traditional
         and rope.dims == qkv.shape[-1]
         and rope.scale == 1.0
-        and isinstance(offset, int)
         and _on_cpu(qkv, *(n.weight for n in norms))
     )
-    if usable:
-        qw, kw = (n.weight for n in norms) if norms else (None, None)
-        eps = q_norm.eps if norms else 0.0
-        freqs = _inv_freqs(float(rope.base), rope.dims)
-        return tuple(
-            _ext.attention_inputs(qkv, n_heads, n_kv_heads, qw, kw, eps, freqs, rope.base, offset)
-        )
-    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [n_heads, n_heads + n_kv_heads], axis=1)
-    if norms:
-        q, k = q_norm(q), k_norm(k)  # before RoPE, as the reference does
-    return rope(q, offset=offset), rope(k, offset=offset), v
+
+
+def _head_args(q_norm: Any, k_norm: Any, rope: nn.RoPE) -> tuple:
+    if q_norm is None:
+        return None, None, 0.0, _inv_freqs(float(rope.base), rope.dims)
+    return q_norm.weight, k_norm.weight, q_norm.eps, _inv_freqs(float(rope.base), rope.dims)
+
+
+def cached_attention(
+    qkv: mx.array,
+    cache: Any,
+    n_heads: int,
+    n_kv_heads: int,
+    q_norm: nn.Module | None,
+    k_norm: nn.Module | None,
+    rope: nn.RoPE,
+    scale: float,
+) -> mx.array | None:
+    """The attention of one layer over `cache` (an `mlx_openelm.kv_cache.KVCache`), this step's
+    keys and values written into it: (B, L, n_heads * head_dim) from qkv (B, L, n_heads + 2
+    n_kv_heads, head_dim), by two kernels (kv_cache.py says why). None where they do not apply;
+    the caller then takes `attention_inputs`, `cache.update_and_fetch` and `attention`."""
+    from ..kv_cache import KVCache
+
+    if type(cache) is not KVCache or not _heads_ok(qkv, q_norm, k_norm, rope):
+        return None
+    B, L, _, hd = qkv.shape
+    cache.reserve(B, n_kv_heads, L, hd, qkv.dtype)
+    qw, kw, eps, freqs = _head_args(q_norm, k_norm, rope)
+    offset = cache.offset
+    cache.kv = _ext.kv_write(cache.kv, qkv, n_heads, n_kv_heads, kw, eps, freqs, rope.base, offset)
+    cache.offset += L
+    return _ext.cached_attention(
+        qkv, cache.kv, n_heads, n_kv_heads, qw, eps, freqs, rope.base, offset, scale
+    )
 
 
 @functools.cache

@@ -4,6 +4,7 @@
 // a block of scores per query row, exponentiates eight at a time, and serves all the query heads
 // of a GQA group from one pass over their key/value head.
 #include <algorithm>
+#include <array>
 #include <limits>
 
 #include "kernels.h"
@@ -141,6 +142,79 @@ inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_
   for (; j < n; j++) dp[j] = scale * p[j] * (dp[j] - D);
 }
 
+// softmax(scale q k^T [causal]) v: q (B, nq, L, hd) contiguous, keys and values rows of hd floats
+// at strides (batch, head, row) = ks, vs, S of them; out (B, L, nq, hd).
+void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
+            std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
+            int64_t nkv, int64_t S, float scale, bool causal) {
+  const int64_t rep = nq / nkv, items = B * nkv * L;
+  // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
+  // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
+  // spans depend on the shape alone, so the result does not depend on the thread count.
+  const int64_t parts = L == 1 ? (S + SPAN - 1) / SPAN : 1, units = items * parts;
+  std::vector<float> partial(parts > 1 ? units * rep * (hd + 2) : 0);
+  const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
+#pragma omp for schedule(dynamic, parts > 1 ? 1 : 4)
+    for (int64_t unit = 0; unit < units; unit++) {
+      const int64_t item = unit / parts, part = unit % parts;
+      const int64_t b = item / (nkv * L), g = (item / L) % nkv, i = item % L;
+      const float* kh = kp + b * ks[0] + g * ks[1];
+      const float* vh = vp + b * vs[0] + g * vs[1];
+      const int64_t limit = causal ? S - L + i + 1 : S;
+      const int64_t begin = part * SPAN, end = parts > 1 ? std::min(limit, begin + SPAN) : limit;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
+        const int64_t n = std::min(BLOCK, end - j0);
+        for (int64_t r = 0; r < rep; r++) {
+          const float* qr = qp + ((b * nq + g * rep + r) * L + i) * hd;
+          float* sr = block.data() + r * BLOCK;
+          const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
+          const float m_new = std::max(m[r], bm);
+          const float c = std::exp(m[r] - m_new);  // 0 on the first block
+          l[r] = l[r] * c + exp_shift(sr, n, m_new);
+          m[r] = m_new;
+          accumulate(acc.data() + r * hd, c, sr, vh + j0 * vs[2], vs[2], n, hd);
+        }
+      }
+      for (int64_t r = 0; r < rep; r++) {
+        if (parts > 1) {  // this span's state: m, l, then the unnormalised output
+          float* st = partial.data() + (unit * rep + r) * (hd + 2);
+          st[0] = m[r];
+          st[1] = l[r];
+          std::copy_n(acc.data() + r * hd, hd, st + 2);
+          continue;
+        }
+        float* o = op + ((b * L + i) * nq + g * rep + r) * hd;
+        const float inv = 1.0f / l[r];
+        for (int64_t d = 0; d < hd; d++) o[d] = acc[r * hd + d] * inv;
+      }
+    }
+  }
+  if (parts == 1) return;
+  for (int64_t item = 0; item < items; item++) {  // L == 1: item is (b, g)
+    const int64_t b = item / nkv, g = item % nkv;
+    for (int64_t r = 0; r < rep; r++) {
+      auto state = [&](int64_t p) { return partial.data() + ((item * parts + p) * rep + r) * (hd + 2); };
+      float mx_all = -std::numeric_limits<float>::infinity(), total = 0;
+      for (int64_t p = 0; p < parts; p++) mx_all = std::max(mx_all, state(p)[0]);
+      float* o = op + (b * nq + g * rep + r) * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t p = 0; p < parts; p++) {
+        const float c = std::exp(state(p)[0] - mx_all);
+        total += state(p)[1] * c;
+        axpy(o, c, state(p) + 2, hd);
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < hd; d++) o[d] *= inv;
+    }
+  }
+}
+
 Reference attention_reference(float scale, bool causal, mx::Stream s) {
   return [=](const std::vector<mx::array>& in) {
     auto out = mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale,
@@ -262,72 +336,8 @@ class Attention : public CpuPrimitive {
     enc.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(),
                   op = out.data<float>(), ks = k.strides(), vs = v.strides(), B, nq, L, hd, nkv, S,
                   scale = scale_, causal = causal_]() {
-      const int64_t rep = nq / nkv, items = B * nkv * L;
-      // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
-      // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
-      // spans depend on the shape alone, so the result does not depend on the thread count.
-      const int64_t parts = L == 1 ? (S + SPAN - 1) / SPAN : 1, units = items * parts;
-      std::vector<float> partial(parts > 1 ? units * rep * (hd + 2) : 0);
-      const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
-#pragma omp parallel num_threads(threads)
-      {
-        std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-#pragma omp for schedule(dynamic, parts > 1 ? 1 : 4)
-        for (int64_t unit = 0; unit < units; unit++) {
-          const int64_t item = unit / parts, part = unit % parts;
-          const int64_t b = item / (nkv * L), g = (item / L) % nkv, i = item % L;
-          const float* kh = kp + b * ks[0] + g * ks[1];
-          const float* vh = vp + b * vs[0] + g * vs[1];
-          const int64_t limit = causal ? S - L + i + 1 : S;
-          const int64_t begin = part * SPAN, end = parts > 1 ? std::min(limit, begin + SPAN) : limit;
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-          std::fill(l.begin(), l.end(), 0.0f);
-          for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
-            const int64_t n = std::min(BLOCK, end - j0);
-            for (int64_t r = 0; r < rep; r++) {
-              const float* qr = qp + ((b * nq + g * rep + r) * L + i) * hd;
-              float* sr = block.data() + r * BLOCK;
-              const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
-              const float m_new = std::max(m[r], bm);
-              const float c = std::exp(m[r] - m_new);  // 0 on the first block
-              l[r] = l[r] * c + exp_shift(sr, n, m_new);
-              m[r] = m_new;
-              accumulate(acc.data() + r * hd, c, sr, vh + j0 * vs[2], vs[2], n, hd);
-            }
-          }
-          for (int64_t r = 0; r < rep; r++) {
-            if (parts > 1) {  // this span's state: m, l, then the unnormalised output
-              float* st = partial.data() + (unit * rep + r) * (hd + 2);
-              st[0] = m[r];
-              st[1] = l[r];
-              std::copy_n(acc.data() + r * hd, hd, st + 2);
-              continue;
-            }
-            float* o = op + ((b * L + i) * nq + g * rep + r) * hd;
-            const float inv = 1.0f / l[r];
-            for (int64_t d = 0; d < hd; d++) o[d] = acc[r * hd + d] * inv;
-          }
-        }
-      }
-      if (parts == 1) return;
-      for (int64_t item = 0; item < items; item++) {  // L == 1: item is (b, g)
-        const int64_t b = item / nkv, g = item % nkv;
-        for (int64_t r = 0; r < rep; r++) {
-          auto state = [&](int64_t p) { return partial.data() + ((item * parts + p) * rep + r) * (hd + 2); };
-          float mx_all = -std::numeric_limits<float>::infinity(), total = 0;
-          for (int64_t p = 0; p < parts; p++) mx_all = std::max(mx_all, state(p)[0]);
-          float* o = op + (b * nq + g * rep + r) * hd;
-          std::fill(o, o + hd, 0.0f);
-          for (int64_t p = 0; p < parts; p++) {
-            const float c = std::exp(state(p)[0] - mx_all);
-            total += state(p)[1] * c;
-            axpy(o, c, state(p) + 2, hd);
-          }
-          const float inv = 1.0f / total;
-          for (int64_t d = 0; d < hd; d++) o[d] *= inv;
-        }
-      }
+      attend(qp, kp, {ks[0], ks[1], ks[2]}, vp, {vs[0], vs[1], vs[2]}, op, B, nq, L, hd, nkv, S,
+             scale, causal);
     });
   }
 
@@ -347,6 +357,217 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   require(!causal || k.shape(2) >= q.shape(2), "attention: causal needs at least L keys");
   return mx::array({q.shape(0), q.shape(2), q.shape(1), q.shape(3)}, mx::float32,
                    std::make_shared<Attention>(cpu_stream(s), scale, causal), {q, k, v});
+}
+
+// ---- a KV cache of one buffer ----------------------------------------------------------------
+//
+// A decoding layer ran six graph nodes around its attention: the attention inputs (a three-output
+// node), two slice updates of the cache, two slices of it and the attention. On a 2-core CPU each
+// costs more in MLX's scheduling than in arithmetic. With keys and values in one buffer kv
+// (B, 2, nkv, capacity, hd), two single-output nodes do it all: KVWrite writes the step's k and v
+// rows into kv (in place: MLX donates the buffer to a single-output node once nothing else holds
+// it), and CachedAttention prepares q itself and attends over kv's first offset + L rows.
+
+namespace {
+
+// qkv (B, L, nq + 2 nkv, hd) -> its q heads (B, nq, L, hd) or k heads and v heads, as
+// AttentionInputs' reference does: split, normed, rotated from `offset`.
+std::vector<mx::array> split_heads(const mx::array& qkv, int nq, int nkv, const mx::array* w,
+                                   float eps, float base, int offset, bool want_q, mx::Stream s) {
+  auto heads = mx::split(mx::transpose(qkv, {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
+  const int hd = qkv.shape(3);
+  auto x = want_q ? heads[0] : heads[1];
+  if (w) x = mx::fast::rms_norm(x, *w, eps, s);
+  x = mx::fast::rope(x, hd, false, base, 1.0f, offset, {}, s);
+  if (want_q) return {x};
+  return {x, heads[2]};
+}
+
+}  // namespace
+
+// Inputs: kv, qkv, inv_freqs (the reference makes its own from base), and the k-norm weight.
+class KVWrite : public CpuPrimitive {
+ public:
+  KVWrite(mx::Stream s, int nq, int nkv, bool k_norm, float eps, float base, int offset)
+      : CpuPrimitive(s,
+                     [=](const std::vector<mx::array>& in) {
+                       auto kv = split_heads(in[1], nq, nkv, k_norm ? &in[3] : nullptr, eps, base,
+                                             offset, false, s);
+                       auto rows = mx::stack(kv, 1, s);  // (B, 2, nkv, L, hd)
+                       mx::Shape start(5, 0), stop = in[0].shape();
+                       start[3] = offset;
+                       stop[3] = offset + rows.shape(3);
+                       return std::vector<mx::array>{mx::slice_update(in[0], rows, start, stop, s)};
+                     }),
+        nq_(nq), nkv_(nkv), k_norm_(k_norm), eps_(eps), base_(base), offset_(offset) {}
+  const char* name() const override { return "OpenELMKVWrite"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const KVWrite&>(other);
+    return nq_ == o.nq_ && nkv_ == o.nkv_ && k_norm_ == o.k_norm_ && eps_ == o.eps_ &&
+           base_ == o.base_ && offset_ == o.offset_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    const auto& kv = inputs[0];
+    auto qkv = row_contiguous(inputs[1], enc), freqs = row_contiguous(inputs[2], enc);
+    std::optional<mx::array> kw;
+    if (k_norm_) kw = row_contiguous(inputs[3], enc);
+    auto& out = outputs[0];
+    const bool in_place = kv.is_donatable() && kv.flags().row_contiguous;
+    const float* src = nullptr;
+    if (in_place) {
+      out.copy_shared_buffer(kv);
+    } else {  // someone else still reads kv: write a copy
+      auto c = row_contiguous(kv, enc);
+      alloc(out);
+      src = c.data<float>();
+      enc.add_temporary(c);
+    }
+    const int64_t B = qkv.shape(0), L = qkv.shape(1), H = qkv.shape(2), hd = qkv.shape(3);
+    const int64_t cap = kv.shape(3);
+    enc.dispatch([src, dst = out.data<float>(), n = out.size(), x_in = qkv.data<float>(),
+                  fp = freqs.data<float>(), kwp = kw ? kw->data<float>() : nullptr, B, L, H, hd,
+                  cap, nq = int64_t(nq_), nkv = int64_t(nkv_), eps = eps_, offset = offset_]() {
+      if (src) std::memcpy(dst, src, n * sizeof(float));
+      std::vector<float> cos_t, sin_t, tmp(hd);
+      rope_tables(fp, L, hd / 2, offset, cos_t, sin_t);
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t l = 0; l < L; l++) {
+          const float* row = x_in + (b * L + l) * H * hd;
+          const float *c = cos_t.data() + l * (hd / 2), *sn = sin_t.data() + l * (hd / 2);
+          for (int64_t h = 0; h < nkv; h++) {
+            float* kdst = dst + (((b * 2 + 0) * nkv + h) * cap + offset + l) * hd;
+            float* vdst = dst + (((b * 2 + 1) * nkv + h) * cap + offset + l) * hd;
+            norm_and_rotate(row + (nq + h) * hd, kwp, eps, c, sn, hd, tmp.data(), kdst);
+            std::memcpy(vdst, row + (nq + nkv + h) * hd, hd * sizeof(float));
+          }
+        }
+    });
+  }
+
+ private:
+  int nq_, nkv_;
+  bool k_norm_;
+  float eps_, base_;
+  int offset_;
+};
+
+// Inputs: qkv, kv (after this step's KVWrite), inv_freqs, and the q-norm weight.
+class CachedAttention : public CpuPrimitive {
+ public:
+  CachedAttention(mx::Stream s, int nq, int nkv, bool q_norm, float eps, float base, int offset,
+                  float scale)
+      : CpuPrimitive(s,
+                     [=](const std::vector<mx::array>& in) {
+                       auto q = split_heads(in[0], nq, nkv, q_norm ? &in[3] : nullptr, eps, base,
+                                            offset, true, s)[0];
+                       const auto& kv = in[1];
+                       const int B = kv.shape(0), hd = kv.shape(4), L = in[0].shape(1);
+                       auto part = [&](int i) {
+                         return mx::squeeze(
+                             mx::slice(kv, {0, i, 0, 0, 0}, {B, i + 1, nkv, offset + L, hd}, s), 1, s);
+                       };
+                       auto o = mx::fast::scaled_dot_product_attention(
+                           q, part(0), part(1), scale, L > 1 ? "causal" : "", {}, {}, false, s);
+                       return std::vector<mx::array>{
+                           mx::reshape(mx::transpose(o, {0, 2, 1, 3}, s), {B, L, nq * hd}, s)};
+                     }),
+        nq_(nq), nkv_(nkv), q_norm_(q_norm), eps_(eps), base_(base), offset_(offset),
+        scale_(scale) {}
+  const char* name() const override { return "OpenELMCachedAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CachedAttention&>(other);
+    return nq_ == o.nq_ && nkv_ == o.nkv_ && q_norm_ == o.q_norm_ && eps_ == o.eps_ &&
+           base_ == o.base_ && offset_ == o.offset_ && scale_ == o.scale_;
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    auto qkv = row_contiguous(inputs[0], enc), kv = row_contiguous(inputs[1], enc);
+    auto freqs = row_contiguous(inputs[2], enc);
+    std::optional<mx::array> qw;
+    if (q_norm_) qw = row_contiguous(inputs[3], enc);
+    auto& out = outputs[0];
+    alloc(out);
+    const int64_t B = qkv.shape(0), L = qkv.shape(1), H = qkv.shape(2), hd = qkv.shape(3);
+    const auto st = kv.strides();
+    enc.dispatch([x_in = qkv.data<float>(), kvp = kv.data<float>(), fp = freqs.data<float>(),
+                  qwp = qw ? qw->data<float>() : nullptr, op = out.data<float>(), st, B, L, H, hd,
+                  nq = int64_t(nq_), nkv = int64_t(nkv_), eps = eps_, offset = offset_,
+                  scale = scale_]() {
+      std::vector<float> cos_t, sin_t, tmp(hd), q(B * nq * L * hd);
+      rope_tables(fp, L, hd / 2, offset, cos_t, sin_t);
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t l = 0; l < L; l++)
+          for (int64_t h = 0; h < nq; h++)
+            norm_and_rotate(x_in + ((b * L + l) * H + h) * hd, qwp, eps,
+                            cos_t.data() + l * (hd / 2), sin_t.data() + l * (hd / 2), hd,
+                            tmp.data(), q.data() + ((b * nq + h) * L + l) * hd);
+      attend(q.data(), kvp, {st[0], st[2], st[3]}, kvp + st[1], {st[0], st[2], st[3]}, op, B, nq,
+             L, hd, nkv, offset + L, scale, L > 1);
+    });
+  }
+
+ private:
+  int nq_, nkv_;
+  bool q_norm_;
+  float eps_, base_;
+  int offset_;
+  float scale_;
+};
+
+namespace {
+
+std::vector<mx::array> cache_inputs(const char* op, const mx::array& qkv, const mx::array& kv,
+                                    int n_heads, int n_kv_heads,
+                                    const std::optional<mx::array>& norm_weight,
+                                    const mx::array& inv_freqs, int offset) {
+  const std::string at = std::string(op) + ": ";
+  require(qkv.dtype() == mx::float32 && kv.dtype() == mx::float32 &&
+              inv_freqs.dtype() == mx::float32,
+          at + "float32 only");
+  require(qkv.ndim() == 4 && qkv.shape(2) == n_heads + 2 * n_kv_heads && qkv.shape(3) % 2 == 0,
+          at + "qkv must be (B, L, n_heads + 2 n_kv_heads, head_dim)");
+  const int B = qkv.shape(0), L = qkv.shape(1), hd = qkv.shape(3);
+  require(kv.ndim() == 5 && kv.shape(0) == B && kv.shape(1) == 2 && kv.shape(2) == n_kv_heads &&
+              kv.shape(4) == hd,
+          at + "kv must be (B, 2, n_kv_heads, capacity, head_dim)");
+  require(offset >= 0 && offset + L <= kv.shape(3), at + "offset + L must fit the capacity");
+  require(inv_freqs.ndim() == 1 && inv_freqs.shape(0) == hd / 2,
+          at + "inv_freqs must be (head_dim / 2,)");
+  std::vector<mx::array> in = {qkv, kv, inv_freqs};
+  if (norm_weight) {
+    require(norm_weight->dtype() == mx::float32 && norm_weight->shape() == mx::Shape{hd},
+            at + "the norm weight must be float32 (head_dim,)");
+    in.push_back(*norm_weight);
+  }
+  return in;
+}
+
+}  // namespace
+
+mx::array kv_write(const mx::array& kv, const mx::array& qkv, int n_heads, int n_kv_heads,
+                   const std::optional<mx::array>& k_weight, float eps, const mx::array& inv_freqs,
+                   float base, int offset, mx::StreamOrDevice s) {
+  auto in = cache_inputs("kv_write", qkv, kv, n_heads, n_kv_heads, k_weight, inv_freqs, offset);
+  std::swap(in[0], in[1]);  // kv first
+  return mx::array(kv.shape(), mx::float32,
+                   std::make_shared<KVWrite>(cpu_stream(s), n_heads, n_kv_heads, bool(k_weight),
+                                             eps, base, offset),
+                   std::move(in));
+}
+
+mx::array cached_attention(const mx::array& qkv, const mx::array& kv, int n_heads, int n_kv_heads,
+                           const std::optional<mx::array>& q_weight, float eps,
+                           const mx::array& inv_freqs, float base, int offset, float scale,
+                           mx::StreamOrDevice s) {
+  auto in = cache_inputs("cached_attention", qkv, kv, n_heads, n_kv_heads, q_weight, inv_freqs,
+                         offset);
+  return mx::array({qkv.shape(0), qkv.shape(1), n_heads * qkv.shape(3)}, mx::float32,
+                   std::make_shared<CachedAttention>(cpu_stream(s), n_heads, n_kv_heads,
+                                                     bool(q_weight), eps, base, offset, scale),
+                   std::move(in));
 }
 
 }  // namespace oe

@@ -36,6 +36,12 @@ NB_MODULE(_openelm_kernels, m) {
         nb::kw_only(), "stream"_a = nb::none());
   m.def("attention", &oe::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("kv_write", &oe::kv_write, "kv"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
+        "k_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "offset"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("cached_attention", &oe::cached_attention, "qkv"_a, "kv"_a, "n_heads"_a, "n_kv_heads"_a,
+        "q_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "offset"_a, "scale"_a,
+        nb::kw_only(), "stream"_a = nb::none());
   m.def("cross_entropy", &oe::cross_entropy, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("log_softmax", &oe::log_softmax, "x"_a, nb::kw_only(), "stream"_a = nb::none());

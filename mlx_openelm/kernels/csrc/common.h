@@ -248,4 +248,34 @@ inline void silu_gate_row(const float* x, float* out, int64_t F) {
   for (; k < F; k++) out[k] = a[k] / (1.0f + std::exp(-a[k])) * b[k];
 }
 
+// cos and sin of the angles as MLX's RoPE makes them: float(position) * inv_freq, in float32, for
+// positions offset .. offset + L - 1.
+inline void rope_tables(const float* inv_freqs, int64_t L, int64_t half, int64_t offset,
+                        std::vector<float>& cos_t, std::vector<float>& sin_t) {
+  cos_t.resize(L * half);
+  sin_t.resize(L * half);
+  for (int64_t l = 0; l < L; l++)
+    for (int64_t i = 0; i < half; i++) {
+      float theta = float(offset + l) * inv_freqs[i];
+      cos_t[l * half + i] = std::cos(theta);
+      sin_t[l * half + i] = std::sin(theta);
+    }
+}
+
+// One attention head's row of q or k: RMS-normed with w (when given; tmp holds it), then rotated
+// (NeoX RoPE with one position's cos c and sin sn) into dst.
+inline void norm_and_rotate(const float* x, const float* w, float eps, const float* c,
+                            const float* sn, int64_t hd, float* tmp, float* dst) {
+  if (w) {
+    rms_row(x, w, tmp, hd, eps);
+    x = tmp;
+  }
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; i++) {
+    float x1 = x[i], x2 = x[i + half];
+    dst[i] = x1 * c[i] - x2 * sn[i];
+    dst[i + half] = x1 * sn[i] + x2 * c[i];
+  }
+}
+
 }  // namespace oe

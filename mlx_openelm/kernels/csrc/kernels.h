@@ -50,6 +50,21 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 
 // The gradient of `attention` (dq, dk, dv) is a kernel as well: Attention's vjp builds it.
 
+// A KV cache of one buffer kv (B, 2, n_kv_heads, capacity, head_dim): keys, then values.
+// kv_write: kv with qkv's k rows (k-normed when k_weight is given, rotated from `offset`) and v
+// rows at positions offset .. offset + L - 1; in place when kv is MLX's to give (nothing else
+// holds it), else on a copy.
+mx::array kv_write(const mx::array& kv, const mx::array& qkv, int n_heads, int n_kv_heads,
+                   const std::optional<mx::array>& k_weight, float eps, const mx::array& inv_freqs,
+                   float base, int offset, mx::StreamOrDevice s = {});
+
+// cached_attention: attention of qkv's q rows (q-normed, rotated from `offset`) over kv's first
+// offset + L positions, causal; (B, L, n_heads * head_dim).
+mx::array cached_attention(const mx::array& qkv, const mx::array& kv, int n_heads, int n_kv_heads,
+                           const std::optional<mx::array>& q_weight, float eps,
+                           const mx::array& inv_freqs, float base, int offset, float scale,
+                           mx::StreamOrDevice s = {});
+
 // logsumexp(logits) - logits[target] over the last axis, for targets of logits' shape without it
 // (an out-of-range target gives NaN). Its gradient is a kernel too.
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets,

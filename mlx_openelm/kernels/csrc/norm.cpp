@@ -213,19 +213,6 @@ static Reference attention_inputs_reference(mx::Stream s, int nq, int nkv, bool 
   };
 }
 
-// cos and sin of the angles as MLX's RoPE makes them: float(position) * inv_freq, in float32.
-static void rope_tables(const float* inv_freqs, int64_t L, int64_t half, int offset,
-                        std::vector<float>& cos_t, std::vector<float>& sin_t) {
-  cos_t.resize(L * half);
-  sin_t.resize(L * half);
-  for (int64_t l = 0; l < L; l++)
-    for (int64_t i = 0; i < half; i++) {
-      float theta = float(offset + l) * inv_freqs[i];
-      cos_t[l * half + i] = std::cos(theta);
-      sin_t[l * half + i] = std::sin(theta);
-    }
-}
-
 // The gradients of AttentionInputs: d qkv, and d q_weight, d k_weight when there are norms. Inputs:
 // the forward's, then the cotangents of q, k and v. Per head row: RoPE's rotation backwards, then
 // RMSNorm's backward; the weights' gradients are summed by `sum_over_rows`.
@@ -366,23 +353,12 @@ class AttentionInputs : public CpuPrimitive {
           const float *c = cos_t.data() + l * half, *sn = sin_t.data() + l * half;
           for (int64_t h = 0; h < H; h++) {
             const float* x = row + h * hd;
-            float* dst;
-            if (h < nq) dst = qp + ((b * nq + h) * L + l) * hd;
-            else if (h < nq + nkv) dst = kp + ((b * nkv + h - nq) * L + l) * hd;
-            else {
+            if (h < nq)
+              norm_and_rotate(x, qwp, eps, c, sn, hd, tmp.data(), qp + ((b * nq + h) * L + l) * hd);
+            else if (h < nq + nkv)
+              norm_and_rotate(x, kwp, eps, c, sn, hd, tmp.data(), kp + ((b * nkv + h - nq) * L + l) * hd);
+            else
               std::memcpy(vp + ((b * nkv + h - nq - nkv) * L + l) * hd, x, hd * sizeof(float));
-              continue;
-            }
-            const float* w = h < nq ? qwp : kwp;
-            if (w) {
-              rms_row(x, w, tmp.data(), hd, eps);
-              x = tmp.data();
-            }
-            for (int64_t i = 0; i < half; i++) {
-              float x1 = x[i], x2 = x[i + half];
-              dst[i] = x1 * c[i] - x2 * sn[i];
-              dst[i + half] = x1 * sn[i] + x2 * c[i];
-            }
           }
         }
       });
