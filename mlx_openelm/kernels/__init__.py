@@ -81,7 +81,7 @@ def status() -> str:
         return _why_off or "off"
     simd = "AVX2/FMA" if _ext.avx2 else "portable C++"
     if _ext.vnni:
-        simd += " + VNNI"
+        simd += " + AVX-512 VNNI" if _ext.vnni512 else " + VNNI"
     return f"on ({simd}, {_ext.threads()} threads)"
 
 

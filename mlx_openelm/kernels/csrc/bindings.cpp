@@ -21,6 +21,11 @@ NB_MODULE(_openelm_kernels, m) {
 #else
   m.attr("vnni") = false;
 #endif
+#ifdef OE_VNNI512
+  m.attr("vnni512") = true;
+#else
+  m.attr("vnni512") = false;
+#endif
   m.def("linear", &oe::linear, "x"_a, "w"_a, nb::kw_only(), "norm_weight"_a = nb::none(),
         "eps"_a = 0.0f, "gate"_a = false, "residual"_a = nb::none(), "stream"_a = nb::none());
   m.def("quantized_linear", &oe::quantized_linear, "x"_a, "w"_a, "scales"_a, "biases"_a,

@@ -22,6 +22,10 @@
 #if defined(OE_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define OE_VNNI 1
 #endif
+// ... in whole 512-bit registers where the CPU has them (twice the products per instruction).
+#if defined(OE_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define OE_VNNI512 1
+#endif
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"

@@ -155,11 +155,6 @@ inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 #endif
 }
 
-// Whole 512-bit registers where the CPU has them (twice the products per instruction).
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define OE_VNNI512 1
-#endif
-
 // 4-bit decode with integer dot products (VNNI: 32 unsigned-by-signed byte products per 256-bit
 // instruction, against one float FMA per eight weights above), keeping float32 accuracy: each
 // 32-element block of x is split into three int8 pieces, x = d (p1 + p2 / 254 + p3 / 254^2), which
