@@ -296,6 +296,21 @@ def test_cached_attention_matches_the_ops_it_replaces(nq, nkv, hd, qk_norm, batc
         close(fast_cache.kv[..., :n, :], ref_cache.kv[..., :n, :])
 
 
+def test_gradients_through_the_cached_attention_match_mlx():
+    # Nothing trains through the cache, but the kernels' vjps (their references') must still be
+    # right: d loss / d qkv over a prefill then a decode step, against the separate ops.
+    norms, rope = _heads(12, 3, 64, True)
+    qkv0, qkv1 = normal(1, 9, 18, 64, seed=1), normal(1, 1, 18, 64, seed=2)
+    w0, w1 = normal(1, 9, 12 * 64, seed=3), normal(1, 1, 12 * 64, seed=4)
+
+    def loss(qkv0, qkv1):
+        _, step = _cached_layer(12, 3, 64, norms, rope)
+        return (step(qkv0) * w0).sum() + (step(qkv1) * w1).sum()
+
+    for fast, ref in zip(*both(mx.grad(loss, argnums=(0, 1)), qkv0, qkv1)):
+        close(fast, ref)
+
+
 def test_cached_attention_writes_the_cache_in_place_and_copies_a_cache_still_read():
     import numpy as np
 

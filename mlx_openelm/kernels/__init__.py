@@ -30,6 +30,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kv_cache import KVCache
+
 # Decoding multiplies one row (a few with batching); above this many rows MKL's sgemm is faster.
 MAX_ROWS = 4
 
@@ -259,8 +261,6 @@ def cached_attention(
     keys and values written into it: (B, L, n_heads * head_dim) from qkv (B, L, n_heads + 2
     n_kv_heads, head_dim), by two kernels (kv_cache.py says why). None where they do not apply;
     the caller then takes `attention_inputs`, `cache.update_and_fetch` and `attention`."""
-    from ..kv_cache import KVCache
-
     if type(cache) is not KVCache or not _heads_ok(qkv, q_norm, k_norm, rope):
         return None
     B, L, _, hd = qkv.shape
