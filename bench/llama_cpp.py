@@ -132,18 +132,8 @@ def run(spec: dict[str, Any]) -> list[dict[str, Any]]:
     sees it, the KV cache types).
     """
     lengths, gen, trials = spec["prompt_tokens"], spec["gen_tokens"], spec["trials"]
-    common = [
-        "-m",
-        spec["gguf"],
-        "-t",
-        str(spec["threads"]),
-        "-r",
-        str(trials),
-        "-o",
-        "json",
-        "-fa",
-        "0,1",
-    ]
+    common = ["-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(trials), "-o", "json",
+              "-fa", "0,1"]  # fmt: skip
     csv = ",".join(map(str, lengths))
     pp_out, pp_rss = _run([spec["tools"]["bench"], *common, "-p", csv, "-n", "0"])
     tg_out, tg_rss = _run([spec["tools"]["bench"], *common, "-p", "0", "-n", str(gen), "-d", csv])

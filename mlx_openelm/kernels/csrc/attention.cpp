@@ -368,32 +368,15 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 // rows into kv (in place: MLX donates the buffer to a single-output node once nothing else holds
 // it), and CachedAttention prepares q itself and attends over kv's first offset + L rows.
 
-namespace {
-
-// qkv (B, L, nq + 2 nkv, hd) -> its q heads (B, nq, L, hd) or k heads and v heads, as
-// AttentionInputs' reference does: split, normed, rotated from `offset`.
-std::vector<mx::array> split_heads(const mx::array& qkv, int nq, int nkv, const mx::array* w,
-                                   float eps, float base, int offset, bool want_q, mx::Stream s) {
-  auto heads = mx::split(mx::transpose(qkv, {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
-  const int hd = qkv.shape(3);
-  auto x = want_q ? heads[0] : heads[1];
-  if (w) x = mx::fast::rms_norm(x, *w, eps, s);
-  x = mx::fast::rope(x, hd, false, base, 1.0f, offset, {}, s);
-  if (want_q) return {x};
-  return {x, heads[2]};
-}
-
-}  // namespace
-
 // Inputs: kv, qkv, inv_freqs (the reference makes its own from base), and the k-norm weight.
 class KVWrite : public CpuPrimitive {
  public:
   KVWrite(mx::Stream s, int nq, int nkv, bool k_norm, float eps, float base, int offset)
       : CpuPrimitive(s,
                      [=](const std::vector<mx::array>& in) {
-                       auto kv = split_heads(in[1], nq, nkv, k_norm ? &in[3] : nullptr, eps, base,
-                                             offset, false, s);
-                       auto rows = mx::stack(kv, 1, s);  // (B, 2, nkv, L, hd)
+                       auto h = split_heads_reference(in[1], nq, nkv, nullptr,
+                                                      k_norm ? &in[3] : nullptr, eps, base, offset, s);
+                       auto rows = mx::stack({h[1], h[2]}, 1, s);  // (B, 2, nkv, L, hd)
                        mx::Shape start(5, 0), stop = in[0].shape();
                        start[3] = offset;
                        stop[3] = offset + rows.shape(3);
@@ -460,8 +443,8 @@ class CachedAttention : public CpuPrimitive {
                   float scale)
       : CpuPrimitive(s,
                      [=](const std::vector<mx::array>& in) {
-                       auto q = split_heads(in[0], nq, nkv, q_norm ? &in[3] : nullptr, eps, base,
-                                            offset, true, s)[0];
+                       auto q = split_heads_reference(in[0], nq, nkv, q_norm ? &in[3] : nullptr,
+                                                      nullptr, eps, base, offset, s)[0];
                        const auto& kv = in[1];
                        const int B = kv.shape(0), hd = kv.shape(4), L = in[0].shape(1);
                        auto part = [&](int i) {
@@ -523,19 +506,13 @@ std::vector<mx::array> cache_inputs(const char* op, const mx::array& qkv, const 
                                     int n_heads, int n_kv_heads,
                                     const std::optional<mx::array>& norm_weight,
                                     const mx::array& inv_freqs, int offset) {
+  check_heads(op, qkv, n_heads, n_kv_heads, inv_freqs);
   const std::string at = std::string(op) + ": ";
-  require(qkv.dtype() == mx::float32 && kv.dtype() == mx::float32 &&
-              inv_freqs.dtype() == mx::float32,
-          at + "float32 only");
-  require(qkv.ndim() == 4 && qkv.shape(2) == n_heads + 2 * n_kv_heads && qkv.shape(3) % 2 == 0,
-          at + "qkv must be (B, L, n_heads + 2 n_kv_heads, head_dim)");
   const int B = qkv.shape(0), L = qkv.shape(1), hd = qkv.shape(3);
-  require(kv.ndim() == 5 && kv.shape(0) == B && kv.shape(1) == 2 && kv.shape(2) == n_kv_heads &&
-              kv.shape(4) == hd,
-          at + "kv must be (B, 2, n_kv_heads, capacity, head_dim)");
+  require(kv.dtype() == mx::float32 && kv.ndim() == 5 && kv.shape(0) == B && kv.shape(1) == 2 &&
+              kv.shape(2) == n_kv_heads && kv.shape(4) == hd,
+          at + "kv must be float32 (B, 2, n_kv_heads, capacity, head_dim)");
   require(offset >= 0 && offset + L <= kv.shape(3), at + "offset + L must fit the capacity");
-  require(inv_freqs.ndim() == 1 && inv_freqs.shape(0) == hd / 2,
-          at + "inv_freqs must be (head_dim / 2,)");
   std::vector<mx::array> in = {qkv, kv, inv_freqs};
   if (norm_weight) {
     require(norm_weight->dtype() == mx::float32 && norm_weight->shape() == mx::Shape{hd},

@@ -43,6 +43,14 @@ std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n
                                         const mx::array& inv_freqs, float base, int offset,
                                         mx::StreamOrDevice s = {});
 
+// Shared by the kernels that take qkv (norm.cpp): the check of their inputs, and their reference:
+// q, k, v (B, heads, L, hd), q and k RMS-normed with their weights (when given) and rotated.
+void check_heads(const char* op, const mx::array& qkv, int n_heads, int n_kv_heads,
+                 const mx::array& inv_freqs);
+std::vector<mx::array> split_heads_reference(const mx::array& qkv, int nq, int nkv,
+                                             const mx::array* q_weight, const mx::array* k_weight,
+                                             float eps, float base, int offset, mx::Stream s);
+
 // softmax(scale q k^T [causal]) v for q (B, nq, L, hd), k, v (B, nkv, S, hd) (strided views of
 // a cache are fine); query i sees keys up to S - L + i when causal. Returns (B, L, nq, hd).
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,

@@ -195,21 +195,35 @@ mx::array silu_gate(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(shape, mx::float32, std::make_shared<SiluGate>(cpu_stream(s)), {x});
 }
 
+std::vector<mx::array> split_heads_reference(const mx::array& qkv, int nq, int nkv,
+                                             const mx::array* q_weight, const mx::array* k_weight,
+                                             float eps, float base, int offset, mx::Stream s) {
+  auto heads = mx::split(mx::transpose(qkv, {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
+  const int hd = qkv.shape(3);
+  auto rotate = [&](mx::array x, const mx::array* w) {
+    if (w) x = mx::fast::rms_norm(x, *w, eps, s);
+    return mx::fast::rope(x, hd, false, base, 1.0f, offset, {}, s);
+  };
+  return {rotate(heads[0], q_weight), rotate(heads[1], k_weight), heads[2]};
+}
+
+void check_heads(const char* op, const mx::array& qkv, int n_heads, int n_kv_heads,
+                 const mx::array& inv_freqs) {
+  const std::string at = std::string(op) + ": ";
+  require(qkv.dtype() == mx::float32 && inv_freqs.dtype() == mx::float32, at + "float32 only");
+  require(qkv.ndim() == 4 && qkv.shape(2) == n_heads + 2 * n_kv_heads && qkv.shape(3) % 2 == 0,
+          at + "qkv must be (B, L, n_heads + 2 n_kv_heads, head_dim)");
+  require(inv_freqs.ndim() == 1 && inv_freqs.shape(0) == qkv.shape(3) / 2,
+          at + "inv_freqs must be (head_dim / 2,)");
+}
+
 // Inputs: qkv, inv_freqs (the kernel's angles; the reference makes its own from base), and the
 // q/k norm weights when there are norms.
 static Reference attention_inputs_reference(mx::Stream s, int nq, int nkv, bool qk_norm, float eps,
                                             float base, int offset) {
   return [=](const std::vector<mx::array>& in) {
-    auto heads = mx::split(mx::transpose(in[0], {0, 2, 1, 3}, s), {nq, nq + nkv}, 1, s);
-    auto q = heads[0], k = heads[1];
-    if (qk_norm) {
-      q = mx::fast::rms_norm(q, in[2], eps, s);
-      k = mx::fast::rms_norm(k, in[3], eps, s);
-    }
-    const int hd = in[0].shape(3);
-    return std::vector<mx::array>{mx::fast::rope(q, hd, false, base, 1.0f, offset, {}, s),
-                                  mx::fast::rope(k, hd, false, base, 1.0f, offset, {}, s),
-                                  heads[2]};
+    return split_heads_reference(in[0], nq, nkv, qk_norm ? &in[2] : nullptr,
+                                 qk_norm ? &in[3] : nullptr, eps, base, offset, s);
   };
 }
 
@@ -377,13 +391,8 @@ std::vector<mx::array> attention_inputs(const mx::array& qkv, int n_heads, int n
                                         const std::optional<mx::array>& k_weight, float eps,
                                         const mx::array& inv_freqs, float base, int offset,
                                         mx::StreamOrDevice s) {
-  require(qkv.dtype() == mx::float32 && inv_freqs.dtype() == mx::float32,
-          "attention_inputs: float32 only");
-  require(qkv.ndim() == 4 && qkv.shape(2) == n_heads + 2 * n_kv_heads && qkv.shape(3) % 2 == 0,
-          "attention_inputs: qkv must be (B, L, n_heads + 2 n_kv_heads, head_dim)");
+  check_heads("attention_inputs", qkv, n_heads, n_kv_heads, inv_freqs);
   const int hd = qkv.shape(3);
-  require(inv_freqs.ndim() == 1 && inv_freqs.shape(0) == hd / 2,
-          "attention_inputs: inv_freqs must be (head_dim / 2,)");
   require(bool(q_weight) == bool(k_weight), "attention_inputs: give both norm weights or neither");
   require(offset >= 0, "attention_inputs: offset must be >= 0");
   std::vector<mx::array> in = {qkv, inv_freqs};
