@@ -329,6 +329,19 @@ def test_cached_attention_writes_the_cache_in_place_and_copies_a_cache_still_rea
     assert not mx.array_equal(cache.kv, held)
 
 
+@pytest.mark.parametrize("nq,nkv,hd", [(6, 2, 64), (40, 1, 24), (5, 5, 12), (9, 3, 72)])
+@pytest.mark.parametrize("length,past,causal", [(33, 0, True), (70, 9, True), (2, 200, True),
+                                                (17, 5, False)])  # fmt: skip
+def test_prefill_tiles_cover_every_grouping_and_mask_edge(nq, nkv, hd, length, past, causal):
+    """Prefill attends in tiles of query rows times the heads of a GQA group: groups of 3, 1 and
+    40 heads leave partial tiles, head dims leave SIMD tails, and rows past a tile or key-block
+    boundary, with and without an offset, see exactly the keys the mask allows."""
+    q = normal(2, nq, length, hd)
+    k, v = normal(2, nkv, past + length, hd, seed=1), normal(2, nkv, past + length, hd, seed=2)
+    mask = "causal" if causal else None
+    close(*both(lambda: kernels.attention(q, k, v, scale=hd**-0.5, mask=mask, cache=None)))
+
+
 @pytest.mark.parametrize("length,keys", [(5, 11), (1, 300)])  # one row: keys in spans, merged
 def test_attention_without_mask_sees_every_key(length, keys):
     q = normal(2, 8, length, 64)

@@ -142,11 +142,201 @@ inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_
   for (; j < n; j++) dp[j] = scale * p[j] * (dp[j] - D);
 }
 
+#ifdef OE_AVX2
+// ---- prefill: tiles of query vectors ---------------------------------------------------------
+//
+// Row by row, a prefill would meet each key once per query row and head, in a dot product that
+// ends in a horizontal sum. Instead a tile of query vectors (the heads of a GQA group times a few
+// rows) is held transposed, so each key row meets the whole tile in plain FMAs, a small matrix
+// product scores[key][query]; the online softmax then runs down the columns, a vector of queries
+// at a time, and each value row is added into all the tile's outputs at once. On the Xeon VM, 12
+// query heads over 3 key heads and 512 causal rows: 4.2 ms row by row, 1.7 with tiles of 16-float
+// vectors, 2.8 with 8-float ones (PyTorch's SDPA: 3.2).
+
+constexpr int64_t TILE = 32;  // query vectors per tile, at least (rounded up to 2 vectors)
+
+// The two tile products are written once for a vector of 8 floats (AVX2) and, where the CPU has
+// them, of 16 (AVX-512: half the instructions for the same FMAs).
+struct Vec8 {
+  using V = __m256;
+  static constexpr int64_t N = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V exp(V a) { return exp8(a); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+};
+#ifdef __AVX512F__
+struct Vec16 {
+  using V = __m512;
+  static constexpr int64_t N = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V exp(V a) { return exp16(a); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+};
+using TileVec = Vec16;
+#else
+using TileVec = Vec8;
+#endif
+// Value columns per tile_values call, in vectors: 4 rows x VW accumulators fit the registers.
+constexpr int VW = TileVec::N == 16 ? 4 : 2;
+// Keys per tile_scores call: NR x 2 accumulators.
+constexpr int NR = TileVec::N == 16 ? 12 : 6;
+
+// s[r][0:Mp] = sum_d k[r][d] qt[d][0:Mp] for NR keys (rows of stride ks), Mp a multiple of 2 N.
+template <class X, int NR>
+inline void tile_scores(const float* qt, int64_t Mp, const float* k, int64_t ks, int64_t hd,
+                        float* s) {
+  using V = typename X::V;
+  for (int64_t m0 = 0; m0 < Mp; m0 += 2 * X::N) {
+    V a[NR][2];
+    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = X::zero();
+    for (int64_t d = 0; d < hd; d++) {
+      const V q0 = X::load(qt + d * Mp + m0), q1 = X::load(qt + d * Mp + m0 + X::N);
+      for (int r = 0; r < NR; r++) {
+        const V kr = X::bcast(k + r * ks + d);
+        a[r][0] = X::fma(kr, q0, a[r][0]);
+        a[r][1] = X::fma(kr, q1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < NR; r++) {
+      X::store(s + r * Mp + m0, a[r][0]);
+      X::store(s + r * Mp + m0 + X::N, a[r][1]);
+    }
+  }
+}
+
+// acc[r][0:W N] = acc[r] * c[r] + sum_j p[j][r] v[j][0:W N] for 4 query rows r (acc rows of
+// stride hd, p rows of stride Mp) over n keys.
+template <class X, int W>
+inline void tile_values(float* acc, int64_t hd, const float* c, const float* p, int64_t Mp,
+                        const float* v, int64_t vs, int64_t n) {
+  using V = typename X::V;
+  V a[4][W];
+  for (int r = 0; r < 4; r++) {
+    const V cr = X::bcast(c + r);
+    for (int w = 0; w < W; w++) a[r][w] = X::mul(X::load(acc + r * hd + X::N * w), cr);
+  }
+  for (int64_t j = 0; j < n; j++) {
+    V vj[W];
+    for (int w = 0; w < W; w++) vj[w] = X::load(v + j * vs + X::N * w);
+    for (int r = 0; r < 4; r++) {
+      const V pr = X::bcast(p + j * Mp + r);
+      for (int w = 0; w < W; w++) a[r][w] = X::fma(pr, vj[w], a[r][w]);
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int w = 0; w < W; w++) X::store(acc + r * hd + X::N * w, a[r][w]);
+}
+
+// attend() for L > 1. A tile is T rows of one GQA group's rep heads: query vector m = t * rep + r.
+void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
+                  std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L,
+                  int64_t hd, int64_t nkv, int64_t S, float scale, bool causal) {
+  using X = TileVec;
+  const int64_t rep = nq / nkv, T = std::max<int64_t>(1, TILE / rep), tiles = (L + T - 1) / T;
+  const int64_t Mp = (T * rep + 2 * X::N - 1) / (2 * X::N) * (2 * X::N), groups = B * nkv;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int threads = groups * L * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qt(hd * Mp), s(BLOCK * Mp), acc(Mp * hd), m(Mp), l(Mp), c(Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < groups * tiles; unit++) {
+      // The last rows first: under a causal mask they see the most keys.
+      const int64_t tile = tiles - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
+      const int64_t i0 = tile * T, rows = std::min(T, L - i0), M = rows * rep;
+      const int64_t first = S - L + i0;  // the position of row i0: it sees keys 0..first
+      const float* kh = kp + b * ks[0] + g * ks[1];
+      const float* vh = vp + b * vs[0] + g * vs[1];
+      std::fill(qt.begin(), qt.end(), 0.0f);
+      for (int64_t t = 0; t < rows; t++)
+        for (int64_t r = 0; r < rep; r++) {
+          const float* q = qp + ((b * nq + g * rep + r) * L + i0 + t) * hd;
+          for (int64_t d = 0; d < hd; d++) qt[d * Mp + t * rep + r] = q[d] * scale;
+        }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      const int64_t end = causal ? first + rows : S;
+      for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
+        const int64_t n = std::min(BLOCK, end - j0);
+        int64_t j = 0;
+        const float* kj = kh + j0 * ks[2];
+        for (; j + NR <= n; j += NR)
+          tile_scores<X, NR>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
+        for (; j + 4 <= n; j += 4)
+          tile_scores<X, 4>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
+        for (; j < n; j++)
+          tile_scores<X, 1>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
+        if (causal)  // key j0 + j is past the rows before t = j0 + j - first
+          for (j = std::max<int64_t>(0, first + 1 - j0); j < n; j++)
+            std::fill_n(s.data() + j * Mp, std::min(M, (j0 + j - first) * rep), neg_inf);
+        // The online softmax, down each column: c rescales what the earlier blocks summed.
+        for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {
+          const X::V m_old = X::load(m.data() + m0);
+          X::V bm = m_old, sum = X::zero();
+          for (j = 0; j < n; j++) bm = X::max(bm, X::load(s.data() + j * Mp + m0));
+          for (j = 0; j < n; j++) {
+            const X::V e = X::exp(X::sub(X::load(s.data() + j * Mp + m0), bm));
+            X::store(s.data() + j * Mp + m0, e);
+            sum = X::add(sum, e);
+          }
+          const X::V cv = X::exp(X::sub(m_old, bm));  // 0 on the first block
+          X::store(c.data() + m0, cv);
+          X::store(l.data() + m0, X::fma(X::load(l.data() + m0), cv, sum));
+          X::store(m.data() + m0, bm);
+        }
+        const float* vj = vh + j0 * vs[2];
+        for (int64_t r0 = 0; r0 < M; r0 += 4) {
+          float* a = acc.data() + r0 * hd;
+          const float *cr = c.data() + r0, *pr = s.data() + r0;
+          int64_t d = 0;
+          for (; d + VW * X::N <= hd; d += VW * X::N)
+            tile_values<X, VW>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
+          for (; d + 16 <= hd; d += 16) tile_values<Vec8, 2>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
+          for (; d + 8 <= hd; d += 8) tile_values<Vec8, 1>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
+          for (; d < hd; d++)
+            for (int64_t r = 0; r < 4; r++) {
+              float x = a[r * hd + d] * cr[r];
+              for (j = 0; j < n; j++) x += pr[j * Mp + r] * vj[j * vs[2] + d];
+              a[r * hd + d] = x;
+            }
+        }
+      }
+      for (int64_t t = 0; t < rows; t++)
+        for (int64_t r = 0; r < rep; r++) {
+          const int64_t q = t * rep + r;
+          float* o = op + ((b * L + i0 + t) * nq + g * rep + r) * hd;
+          const float inv = 1.0f / l[q];
+          for (int64_t d = 0; d < hd; d++) o[d] = acc[q * hd + d] * inv;
+        }
+    }
+  }
+}
+#endif
+
 // softmax(scale q k^T [causal]) v: q (B, nq, L, hd) contiguous, keys and values rows of hd floats
 // at strides (batch, head, row) = ks, vs, S of them; out (B, L, nq, hd).
 void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
             std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
             int64_t nkv, int64_t S, float scale, bool causal) {
+#ifdef OE_AVX2
+  if (L > 1)
+    return attend_tiles(qp, kp, ks, vp, vs, op, B, nq, L, hd, nkv, S, scale, causal);
+#endif
   const int64_t rep = nq / nkv, items = B * nkv * L;
   // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
   // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
