@@ -155,45 +155,12 @@ inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_
 
 constexpr int64_t TILE = 32;  // query vectors per tile, at least (rounded up to 2 vectors)
 
-// The two tile products are written once for a vector of 8 floats (AVX2) and, where the CPU has
-// them, of 16 (AVX-512: half the instructions for the same FMAs).
-struct Vec8 {
-  using V = __m256;
-  static constexpr int64_t N = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V exp(V a) { return exp8(a); }
-  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
-};
-#ifdef __AVX512F__
-struct Vec16 {
-  using V = __m512;
-  static constexpr int64_t N = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V exp(V a) { return exp16(a); }
-  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-};
-using TileVec = Vec16;
-#else
-using TileVec = Vec8;
-#endif
+// The two tile products are written once for VecW, 16 floats wide where the CPU has AVX-512 (half
+// the instructions for the same FMAs), else 8.
 // Value columns per tile_values call, in vectors: 4 rows x VW accumulators fit the registers.
-constexpr int VW = TileVec::N == 16 ? 4 : 2;
+constexpr int VW = VecW::N == 16 ? 4 : 2;
 // Keys per tile_scores call: NR x 2 accumulators.
-constexpr int NR = TileVec::N == 16 ? 12 : 6;
+constexpr int NR = VecW::N == 16 ? 12 : 6;
 
 // s[r][0:Mp] = sum_d k[r][d] qt[d][0:Mp] for NR keys (rows of stride ks), Mp a multiple of 2 N.
 template <class X, int NR>
@@ -245,7 +212,7 @@ inline void tile_values(float* acc, int64_t hd, const float* c, const float* p, 
 void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
                   std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L,
                   int64_t hd, int64_t nkv, int64_t S, float scale, bool causal) {
-  using X = TileVec;
+  using X = VecW;
   const int64_t rep = nq / nkv, T = std::max<int64_t>(1, TILE / rep), tiles = (L + T - 1) / T;
   const int64_t Mp = (T * rep + 2 * X::N - 1) / (2 * X::N) * (2 * X::N), groups = B * nkv;
   const float neg_inf = -std::numeric_limits<float>::infinity();

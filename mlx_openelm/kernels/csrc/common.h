@@ -18,6 +18,10 @@
 #include <immintrin.h>
 #define OE_AVX2 1
 #endif
+// Float vectors of 16 (attention's tiles, the fp32 products).
+#if defined(OE_AVX2) && defined(__AVX512F__)
+#define OE_AVX512 1
+#endif
 // Integer dot products of unsigned by signed bytes (the one-row 4-bit product, linear.cpp).
 #if defined(OE_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define OE_VNNI 1
@@ -213,7 +217,7 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
-#ifdef __AVX512F__
+#ifdef OE_AVX512
 // exp8 for 16 floats.
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3365448f), hi = _mm512_set1_ps(88.3762626f);
@@ -234,6 +238,46 @@ inline __m512 exp16(__m512 x) {
   y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
   return _mm512_maskz_mov_ps(~underflow, y);
 }
+#endif
+
+#ifdef OE_AVX2
+// Float vectors behind one interface, so a kernel is written once for 8 floats (AVX2) and 16
+// (AVX-512); VecW is the widest this CPU has.
+struct Vec8 {
+  using V = __m256;
+  static constexpr int64_t N = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V exp(V a) { return exp8(a); }
+  static float sum(V a) { return hsum(a); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+};
+#ifdef OE_AVX512
+struct Vec16 {
+  using V = __m512;
+  static constexpr int64_t N = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V exp(V a) { return exp16(a); }
+  static float sum(V a) { return _mm512_reduce_add_ps(a); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+};
+using VecW = Vec16;
+#else
+using VecW = Vec8;
+#endif
 #endif
 
 // out = x * rsqrt(mean(x^2) + eps) * w over one row of D.
