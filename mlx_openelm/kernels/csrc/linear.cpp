@@ -9,14 +9,25 @@ namespace oe {
 
 namespace {
 
-// One weight row at a time, for all MR input rows. Reading several rows at once (four, earlier)
-// gave the CPU's prefetcher four streams per thread, and the quantized products ran at half the
-// speed they reach with one sequential stream (the README has the figures).
+// How many weight rows a product reads at once differs by CPU, as measured. On the AMD EPYC VM,
+// reading four at once (each with its own prefetch every 32 bytes) gave the prefetcher four
+// streams per thread, and one sequential stream was faster: ~2x for the quantized products, ~10%
+// for fp32 (the README has the figures). So the quantized products read one row at a time, and so
+// does fp32 except on Intel: on the Xeon VM, a 32000 x 1280 fp32 product streamed 28 GB/s one row
+// at a time (with a software prefetch 4 KB ahead; 24.5 without), 32 with 8 rows at once and no
+// prefetch, 34 with 8 rows in 16-float vectors, as MKL's sgemv.
+inline bool many_streams() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
 
 // out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows at once.
-// NR rows are NR streams from memory, which keep more loads in flight than one: on the Xeon VM, a
-// 32000 x 1280 product streamed 28 GB/s one row at a time (with a software prefetch 4 KB ahead,
-// 24.5 without), 32 with 8 rows, 34 with 8 rows of 16-float vectors, as MKL's sgemv.
+// One weight row alone gets two accumulators per input row, to hide the FMA latency (one 16-float
+// accumulator streamed 22 GB/s where two did 28), and a prefetch 4 KB ahead.
 template <int MR, int NR>
 inline void f32_rows(const float* x, const float* w, const float* res, float* out, int64_t K,
                      int64_t N, int64_t n) {
@@ -24,19 +35,29 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
   int64_t k = 0;
 #ifdef OE_AVX2
   using X = VecW;
-  typename X::V acc[MR][NR];
+  constexpr int U = NR == 1 ? 2 : 1;
+  typename X::V acc[MR][NR][U];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) acc[m][r] = X::zero();
-  for (; k + X::N <= K; k += X::N) {
-    typename X::V xv[MR];
-    for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k);
-    for (int r = 0; r < NR; r++) {
-      const auto wv = X::load(w + (n + r) * K + k);
-      for (int m = 0; m < MR; m++) acc[m][r] = X::fma(wv, xv[m], acc[m][r]);
+    for (int r = 0; r < NR; r++)
+      for (int u = 0; u < U; u++) acc[m][r][u] = X::zero();
+  for (; k + U * X::N <= K; k += U * X::N) {
+    for (int u = 0; u < U; u++) {
+      if constexpr (NR == 1)
+        _mm_prefetch((const char*)(w + n * K + k + u * X::N + 1024), _MM_HINT_T0);
+      typename X::V xv[MR];
+      for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k + u * X::N);
+      for (int r = 0; r < NR; r++) {
+        const auto wv = X::load(w + (n + r) * K + k + u * X::N);
+        for (int m = 0; m < MR; m++) acc[m][r][u] = X::fma(wv, xv[m], acc[m][r][u]);
+      }
     }
   }
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) acc_s[m][r] = X::sum(acc[m][r]);
+    for (int r = 0; r < NR; r++) {
+      auto a = acc[m][r][0];
+      for (int u = 1; u < U; u++) a = X::add(a, acc[m][r][u]);
+      acc_s[m][r] = X::sum(a);
+    }
 #endif
   for (; k < K; k++)
     for (int m = 0; m < MR; m++)
@@ -49,9 +70,11 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
 template <int MR>
 void f32_block(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N) {
   constexpr int NR = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // at most 8 accumulators
+  const bool many = many_streams();
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
+    if (many)
+      for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
     for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
   });
 }
