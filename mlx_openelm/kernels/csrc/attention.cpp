@@ -1,11 +1,13 @@
-// Scaled dot-product attention with an online softmax, for prefill and decode.
+// Scaled dot-product attention with an online softmax, for prefill, decode and training.
 //
-// MLX's CPU fallback builds the full score matrix and runs exp one element at a time; this keeps
-// a block of scores per query row, exponentiates eight at a time, and serves all the query heads
-// of a GQA group from one pass over their key/value head.
+// MLX's CPU fallback builds the full score matrix and runs exp one element at a time. Here a
+// decoding row keeps a block of scores per query head, exponentiates eight at a time, and serves
+// all the query heads of a GQA group from one pass over their key/value head; a prefill, and the
+// backward pass, work in tiles of query vectors (below).
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <tuple>
 
 #include "kernels.h"
 
@@ -129,21 +131,7 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {
   for (; d < n; d++) y[d] += a * x[d];
 }
 
-// ds[j] = scale * p[j] * (dp[j] - D), in place in dp.
-inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_t n) {
-  int64_t j = 0;
-#ifdef OE_AVX2
-  const __m256 Dv = _mm256_set1_ps(D), sv = _mm256_set1_ps(scale);
-  for (; j + 8 <= n; j += 8) {
-    __m256 d = _mm256_sub_ps(_mm256_loadu_ps(dp + j), Dv);
-    _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), d), sv));
-  }
-#endif
-  for (; j < n; j++) dp[j] = scale * p[j] * (dp[j] - D);
-}
-
-#ifdef OE_AVX2
-// ---- prefill: tiles of query vectors ---------------------------------------------------------
+// ---- prefill and training: tiles of query vectors -------------------------------------------
 //
 // Row by row, a prefill would meet each key once per query row and head, in a dot product that
 // ends in a horizontal sum. Instead a tile of query vectors (the heads of a GQA group times a few
@@ -151,81 +139,143 @@ inline void softmax_grad(const float* p, float* dp, float D, float scale, int64_
 // product scores[key][query]; the online softmax then runs down the columns, a vector of queries
 // at a time, and each value row is added into all the tile's outputs at once. On the Xeon VM, 12
 // query heads over 3 key heads and 512 causal rows: 4.2 ms row by row, 1.7 with tiles of 16-float
-// vectors, 2.8 with 8-float ones (PyTorch's SDPA: 3.2).
+// vectors, 2.8 with 8-float ones (PyTorch's SDPA: 3.2). The backward pass uses the same pieces.
 
 constexpr int64_t TILE = 32;  // query vectors per tile, at least (rounded up to 2 vectors)
 
-// The two tile products are written once for VecW, 16 floats wide where the CPU has AVX-512 (half
-// the instructions for the same FMAs), else 8.
+// The tile products are written once for VecW (common.h): 16 floats where the CPU has AVX-512
+// (half the instructions for the same FMAs), else 8, or 1 without AVX2.
 // Value columns per tile_values call, in vectors: 4 rows x VW accumulators fit the registers.
 constexpr int VW = VecW::N == 16 ? 4 : 2;
 // Keys per tile_scores call: NR x 2 accumulators.
 constexpr int NR = VecW::N == 16 ? 12 : 6;
 
-// s[r][0:Mp] = sum_d k[r][d] qt[d][0:Mp] for NR keys (rows of stride ks), Mp a multiple of 2 N.
-template <class X, int NR>
+// s[r][0:Mp] = sum_d k[r][d] qt[d][0:Mp] for R keys (rows of stride ks), Mp a multiple of 2 N.
+template <class X, int R>
 inline void tile_scores(const float* qt, int64_t Mp, const float* k, int64_t ks, int64_t hd,
                         float* s) {
   using V = typename X::V;
   for (int64_t m0 = 0; m0 < Mp; m0 += 2 * X::N) {
-    V a[NR][2];
-    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = X::zero();
+    V a[R][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = X::zero();
     for (int64_t d = 0; d < hd; d++) {
       const V q0 = X::load(qt + d * Mp + m0), q1 = X::load(qt + d * Mp + m0 + X::N);
-      for (int r = 0; r < NR; r++) {
+      for (int r = 0; r < R; r++) {
         const V kr = X::bcast(k + r * ks + d);
         a[r][0] = X::fma(kr, q0, a[r][0]);
         a[r][1] = X::fma(kr, q1, a[r][1]);
       }
     }
-    for (int r = 0; r < NR; r++) {
+    for (int r = 0; r < R; r++) {
       X::store(s + r * Mp + m0, a[r][0]);
       X::store(s + r * Mp + m0 + X::N, a[r][1]);
     }
   }
 }
 
-// acc[r][0:W N] = acc[r] * c[r] + sum_j p[j][r] v[j][0:W N] for 4 query rows r (acc rows of
-// stride hd, p rows of stride Mp) over n keys.
+// tile_scores for n keys: s (n x Mp) = k qt.
+inline void block_scores(const float* qt, int64_t Mp, const float* k, int64_t ks, int64_t hd,
+                         int64_t n, float* s) {
+  int64_t j = 0;
+  for (; j + NR <= n; j += NR) tile_scores<VecW, NR>(qt, Mp, k + j * ks, ks, hd, s + j * Mp);
+  for (; j + 4 <= n; j += 4) tile_scores<VecW, 4>(qt, Mp, k + j * ks, ks, hd, s + j * Mp);
+  for (; j < n; j++) tile_scores<VecW, 1>(qt, Mp, k + j * ks, ks, hd, s + j * Mp);
+}
+
+// acc[r][0:W N] = acc[r] * c[r] (c null: 1) + sum_j p(j, r) v[j][0:W N] for 4 rows r of acc
+// (stride as) over n rows j of v (stride vs), p(j, r) = p[j * pj + r * pr].
 template <class X, int W>
-inline void tile_values(float* acc, int64_t hd, const float* c, const float* p, int64_t Mp,
-                        const float* v, int64_t vs, int64_t n) {
+inline void tile_values(float* acc, int64_t as, const float* c, const float* p, int64_t pj,
+                        int64_t pr, const float* v, int64_t vs, int64_t n) {
   using V = typename X::V;
   V a[4][W];
-  for (int r = 0; r < 4; r++) {
-    const V cr = X::bcast(c + r);
-    for (int w = 0; w < W; w++) a[r][w] = X::mul(X::load(acc + r * hd + X::N * w), cr);
-  }
+  for (int r = 0; r < 4; r++)
+    for (int w = 0; w < W; w++) {
+      a[r][w] = X::load(acc + r * as + X::N * w);
+      if (c) a[r][w] = X::mul(a[r][w], X::bcast(c + r));
+    }
   for (int64_t j = 0; j < n; j++) {
     V vj[W];
     for (int w = 0; w < W; w++) vj[w] = X::load(v + j * vs + X::N * w);
     for (int r = 0; r < 4; r++) {
-      const V pr = X::bcast(p + j * Mp + r);
-      for (int w = 0; w < W; w++) a[r][w] = X::fma(pr, vj[w], a[r][w]);
+      const V pv = X::bcast(p + j * pj + r * pr);
+      for (int w = 0; w < W; w++) a[r][w] = X::fma(pv, vj[w], a[r][w]);
     }
   }
   for (int r = 0; r < 4; r++)
-    for (int w = 0; w < W; w++) X::store(acc + r * hd + X::N * w, a[r][w]);
+    for (int w = 0; w < W; w++) X::store(acc + r * as + X::N * w, a[r][w]);
 }
 
-// attend() for L > 1. A tile is T rows of one GQA group's rep heads: query vector m = t * rep + r.
+// tile_values over all hd columns.
+inline void block_values(float* acc, int64_t as, const float* c, const float* p, int64_t pj,
+                         int64_t pr, const float* v, int64_t vs, int64_t n, int64_t hd) {
+  int64_t d = 0;
+  for (; d + VW * VecW::N <= hd; d += VW * VecW::N)
+    tile_values<VecW, VW>(acc + d, as, c, p, pj, pr, v + d, vs, n);
+#ifdef OE_AVX2
+  for (; d + 8 <= hd; d += 8) tile_values<Vec8, 1>(acc + d, as, c, p, pj, pr, v + d, vs, n);
+#endif
+  for (; d < hd; d++) tile_values<Vec1, 1>(acc + d, as, c, p, pj, pr, v + d, vs, n);
+}
+
+// A tile's shape: T rows of one GQA group's rep heads, query vector m = t * rep + r, Mp columns
+// (whole pairs of vectors for tile_scores, whole fours of rows for tile_values).
+struct Tiles {
+  int64_t rep, T, Mp, count;
+  Tiles(int64_t nq, int64_t nkv, int64_t L) {
+    constexpr int64_t unit = std::max<int64_t>(2 * VecW::N, 4);
+    rep = nq / nkv;
+    T = std::max<int64_t>(1, TILE / rep);
+    Mp = (T * rep + unit - 1) / unit * unit;
+    count = (L + T - 1) / T;
+  }
+};
+
+// Under a causal mask, key j0 + j is past the rows t < j0 + j - first of the tile (first: the
+// position of its row 0): their scores become -inf.
+inline void mask_block(float* s, int64_t Mp, int64_t n, int64_t j0, int64_t first, int64_t M,
+                       int64_t rep) {
+  for (int64_t j = std::max<int64_t>(0, first + 1 - j0); j < n; j++)
+    std::fill_n(s + j * Mp, std::min(M, (j0 + j - first) * rep),
+                -std::numeric_limits<float>::infinity());
+}
+
+// One block of the online softmax, down each column: s (n x Mp) becomes exp(s - m_new), l the
+// running sums, m the running maxima, c what rescales the sums of the blocks before.
+inline void online_softmax(float* s, int64_t Mp, int64_t n, float* m, float* l, float* c) {
+  using X = VecW;
+  for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {
+    const typename X::V m_old = X::load(m + m0);
+    typename X::V bm = m_old, sum = X::zero();
+    for (int64_t j = 0; j < n; j++) bm = X::max(bm, X::load(s + j * Mp + m0));
+    for (int64_t j = 0; j < n; j++) {
+      const auto e = X::exp(X::sub(X::load(s + j * Mp + m0), bm));
+      X::store(s + j * Mp + m0, e);
+      sum = X::add(sum, e);
+    }
+    const auto cv = X::exp(X::sub(m_old, bm));  // 0 on the first block
+    X::store(c + m0, cv);
+    X::store(l + m0, X::fma(X::load(l + m0), cv, sum));
+    X::store(m + m0, bm);
+  }
+}
+
+// attend() for L > 1.
 void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
                   std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L,
                   int64_t hd, int64_t nkv, int64_t S, float scale, bool causal) {
-  using X = VecW;
-  const int64_t rep = nq / nkv, T = std::max<int64_t>(1, TILE / rep), tiles = (L + T - 1) / T;
-  const int64_t Mp = (T * rep + 2 * X::N - 1) / (2 * X::N) * (2 * X::N), groups = B * nkv;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const Tiles tl(nq, nkv, L);
+  const int64_t rep = tl.rep, Mp = tl.Mp, groups = B * nkv;
   const int threads = groups * L * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qt(hd * Mp), s(BLOCK * Mp), acc(Mp * hd), m(Mp), l(Mp), c(Mp);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < groups * tiles; unit++) {
+    for (int64_t unit = 0; unit < groups * tl.count; unit++) {
       // The last rows first: under a causal mask they see the most keys.
-      const int64_t tile = tiles - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
-      const int64_t i0 = tile * T, rows = std::min(T, L - i0), M = rows * rep;
-      const int64_t first = S - L + i0;  // the position of row i0: it sees keys 0..first
+      const int64_t tile = tl.count - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
+      const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
+      const int64_t first = S - L + i0;
       const float* kh = kp + b * ks[0] + g * ks[1];
       const float* vh = vp + b * vs[0] + g * vs[1];
       std::fill(qt.begin(), qt.end(), 0.0f);
@@ -235,53 +285,17 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
           for (int64_t d = 0; d < hd; d++) qt[d * Mp + t * rep + r] = q[d] * scale;
         }
       std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       const int64_t end = causal ? first + rows : S;
       for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
         const int64_t n = std::min(BLOCK, end - j0);
-        int64_t j = 0;
-        const float* kj = kh + j0 * ks[2];
-        for (; j + NR <= n; j += NR)
-          tile_scores<X, NR>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
-        for (; j + 4 <= n; j += 4)
-          tile_scores<X, 4>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
-        for (; j < n; j++)
-          tile_scores<X, 1>(qt.data(), Mp, kj + j * ks[2], ks[2], hd, s.data() + j * Mp);
-        if (causal)  // key j0 + j is past the rows before t = j0 + j - first
-          for (j = std::max<int64_t>(0, first + 1 - j0); j < n; j++)
-            std::fill_n(s.data() + j * Mp, std::min(M, (j0 + j - first) * rep), neg_inf);
-        // The online softmax, down each column: c rescales what the earlier blocks summed.
-        for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {
-          const X::V m_old = X::load(m.data() + m0);
-          X::V bm = m_old, sum = X::zero();
-          for (j = 0; j < n; j++) bm = X::max(bm, X::load(s.data() + j * Mp + m0));
-          for (j = 0; j < n; j++) {
-            const X::V e = X::exp(X::sub(X::load(s.data() + j * Mp + m0), bm));
-            X::store(s.data() + j * Mp + m0, e);
-            sum = X::add(sum, e);
-          }
-          const X::V cv = X::exp(X::sub(m_old, bm));  // 0 on the first block
-          X::store(c.data() + m0, cv);
-          X::store(l.data() + m0, X::fma(X::load(l.data() + m0), cv, sum));
-          X::store(m.data() + m0, bm);
-        }
-        const float* vj = vh + j0 * vs[2];
-        for (int64_t r0 = 0; r0 < M; r0 += 4) {
-          float* a = acc.data() + r0 * hd;
-          const float *cr = c.data() + r0, *pr = s.data() + r0;
-          int64_t d = 0;
-          for (; d + VW * X::N <= hd; d += VW * X::N)
-            tile_values<X, VW>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
-          for (; d + 16 <= hd; d += 16) tile_values<Vec8, 2>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
-          for (; d + 8 <= hd; d += 8) tile_values<Vec8, 1>(a + d, hd, cr, pr, Mp, vj + d, vs[2], n);
-          for (; d < hd; d++)
-            for (int64_t r = 0; r < 4; r++) {
-              float x = a[r * hd + d] * cr[r];
-              for (j = 0; j < n; j++) x += pr[j * Mp + r] * vj[j * vs[2] + d];
-              a[r * hd + d] = x;
-            }
-        }
+        block_scores(qt.data(), Mp, kh + j0 * ks[2], ks[2], hd, n, s.data());
+        if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+        online_softmax(s.data(), Mp, n, m.data(), l.data(), c.data());
+        for (int64_t r0 = 0; r0 < M; r0 += 4)
+          block_values(acc.data() + r0 * hd, hd, c.data() + r0, s.data() + r0, Mp, 1,
+                       vh + j0 * vs[2], vs[2], n, hd);
       }
       for (int64_t t = 0; t < rows; t++)
         for (int64_t r = 0; r < rep; r++) {
@@ -293,17 +307,111 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
     }
   }
 }
-#endif
+
+// The backward pass, in the same tiles: per tile, a first pass over the keys finds each query's
+// softmax maximum and sum again, a second makes p, dp = g . v and ds = scale p (dp - D), D = g . o,
+// then dq += ds k, dk += ds^T q and dv += p^T g, each a small matrix product. A (batch, kv head)
+// is one task, so dk and dv have one writer. q, k, v, o, g and the outputs are contiguous.
+void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const float* op,
+                       const float* gp, float* dqp, float* dkp, float* dvp, int64_t B, int64_t nq,
+                       int64_t L, int64_t hd, int64_t nkv, int64_t S, float scale, bool causal) {
+  using X = VecW;
+  const Tiles tl(nq, nkv, L);
+  const int64_t rep = tl.rep, Mp = tl.Mp, groups = B * nkv;
+  const int threads = std::min<int64_t>(omp_get_max_threads(), groups);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qt(hd * Mp), gt(hd * Mp), qrow(Mp * hd), grow(Mp * hd), s(BLOCK * Mp),
+        ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < groups; item++) {
+      const int64_t b = item / nkv, g = item % nkv;
+      const float* kh = kp + item * S * hd;
+      const float* vh = vp + item * S * hd;
+      float* dkh = dkp + item * S * hd;
+      float* dvh = dvp + item * S * hd;
+      std::fill(dkh, dkh + S * hd, 0.0f);
+      std::fill(dvh, dvh + S * hd, 0.0f);
+      for (int64_t tile = 0; tile < tl.count; tile++) {
+        const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
+        const int64_t first = S - L + i0, end = causal ? first + rows : S;
+        for (auto* buf : {&qt, &gt, &qrow, &grow, &dq}) std::fill(buf->begin(), buf->end(), 0.0f);
+        for (int64_t t = 0; t < rows; t++)
+          for (int64_t r = 0; r < rep; r++) {
+            const int64_t q = t * rep + r, head = g * rep + r;
+            const float* qi = qp + ((b * nq + head) * L + i0 + t) * hd;
+            const float* gi = gp + ((b * L + i0 + t) * nq + head) * hd;
+            const float* oi = op + ((b * L + i0 + t) * nq + head) * hd;
+            float dot_go = 0;  // in dp's order of FMAs: a row that sees one key gets ds = 0
+            for (int64_t d = 0; d < hd; d++) {
+              qt[d * Mp + q] = qi[d] * scale;
+              gt[d * Mp + q] = gi[d];
+              dot_go = std::fma(oi[d], gi[d], dot_go);
+            }
+            std::copy_n(qi, hd, qrow.data() + q * hd);
+            std::copy_n(gi, hd, grow.data() + q * hd);
+            D[q] = dot_go;
+          }
+        std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+        std::fill(l.begin(), l.end(), 0.0f);
+        for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {  // the softmax's maximum and sum
+          const int64_t n = std::min(BLOCK, end - j0);
+          block_scores(qt.data(), Mp, kh + j0 * hd, hd, hd, n, s.data());
+          if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+          online_softmax(s.data(), Mp, n, m.data(), l.data(), c.data());
+        }
+        for (int64_t q = 0; q < Mp; q++) l[q] = 1.0f / l[q];
+        const auto sv = X::bcast(&scale);
+        for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
+          const int64_t n = std::min(BLOCK, end - j0);
+          block_scores(qt.data(), Mp, kh + j0 * hd, hd, hd, n, s.data());
+          if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+          block_scores(gt.data(), Mp, vh + j0 * hd, hd, hd, n, ds.data());
+          for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {  // p, then ds in place of dp
+            const auto mv = X::load(m.data() + m0), inv = X::load(l.data() + m0);
+            const auto Dv = X::load(D.data() + m0);
+            for (int64_t j = 0; j < n; j++) {
+              const auto p = X::mul(X::exp(X::sub(X::load(s.data() + j * Mp + m0), mv)), inv);
+              X::store(s.data() + j * Mp + m0, p);
+              const auto dpv = X::sub(X::load(ds.data() + j * Mp + m0), Dv);
+              X::store(ds.data() + j * Mp + m0, X::mul(X::mul(p, dpv), sv));
+            }
+          }
+          for (int64_t r0 = 0; r0 < M; r0 += 4)  // dq[m] += sum_j ds[j][m] k[j]
+            block_values(dq.data() + r0 * hd, hd, nullptr, ds.data() + r0, Mp, 1, kh + j0 * hd,
+                         hd, n, hd);
+          // dk[j] += sum_m ds[j][m] q[m] and dv[j] += sum_m p[j][m] g[m], four keys at a time;
+          // the last few through `tail`, so that no row past the block is written.
+          for (int64_t r0 = 0; r0 < n; r0 += 4) {
+            const int64_t keys = std::min<int64_t>(4, n - r0);
+            for (auto [from, rows_in, dst] : {std::tuple{ds.data(), qrow.data(), dkh},
+                                              std::tuple{s.data(), grow.data(), dvh}}) {
+              float* acc = dst + (j0 + r0) * hd;
+              if (keys == 4) {
+                block_values(acc, hd, nullptr, from + r0 * Mp, 1, Mp, rows_in, hd, M, hd);
+                continue;
+              }
+              std::fill(tail.begin(), tail.end(), 0.0f);
+              block_values(tail.data(), hd, nullptr, from + r0 * Mp, 1, Mp, rows_in, hd, M, hd);
+              for (int64_t i = 0; i < keys * hd; i++) acc[i] += tail[i];
+            }
+          }
+        }
+        for (int64_t t = 0; t < rows; t++)
+          for (int64_t r = 0; r < rep; r++)
+            std::copy_n(dq.data() + (t * rep + r) * hd, hd,
+                        dqp + ((b * nq + g * rep + r) * L + i0 + t) * hd);
+      }
+    }
+  }
+}
 
 // softmax(scale q k^T [causal]) v: q (B, nq, L, hd) contiguous, keys and values rows of hd floats
 // at strides (batch, head, row) = ks, vs, S of them; out (B, L, nq, hd).
 void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
             std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
             int64_t nkv, int64_t S, float scale, bool causal) {
-#ifdef OE_AVX2
-  if (L > 1)
-    return attend_tiles(qp, kp, ks, vp, vs, op, B, nq, L, hd, nkv, S, scale, causal);
-#endif
+  if (L > 1) return attend_tiles(qp, kp, ks, vp, vs, op, B, nq, L, hd, nkv, S, scale, causal);
   const int64_t rep = nq / nkv, items = B * nkv * L;
   // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
   // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
@@ -411,43 +519,7 @@ class AttentionGrad : public CpuPrimitive {
                   op = o.data<float>(), gp = g.data<float>(), dqp = outputs[0].data<float>(),
                   dkp = outputs[1].data<float>(), dvp = outputs[2].data<float>(), B, nq, L, hd,
                   nkv, S, scale = scale_, causal = causal_]() {
-      const int64_t rep = nq / nkv, items = B * nkv;
-      const int threads = std::min<int64_t>(omp_get_max_threads(), items);
-#pragma omp parallel num_threads(threads)
-      {
-        std::vector<float> p(S), ds(S);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; item++) {
-          const int64_t b = item / nkv, h = item % nkv;
-          const float* kh = kp + (b * nkv + h) * S * hd;
-          const float* vh = vp + (b * nkv + h) * S * hd;
-          float* dkh = dkp + (b * nkv + h) * S * hd;
-          float* dvh = dvp + (b * nkv + h) * S * hd;
-          std::fill(dkh, dkh + S * hd, 0.0f);
-          std::fill(dvh, dvh + S * hd, 0.0f);
-          for (int64_t r = 0; r < rep; r++) {
-            const int64_t head = h * rep + r;
-            for (int64_t i = 0; i < L; i++) {
-              const float* qi = qp + ((b * nq + head) * L + i) * hd;
-              const float* gi = gp + ((b * L + i) * nq + head) * hd;
-              const float* oi = op + ((b * L + i) * nq + head) * hd;
-              float* dqi = dqp + ((b * nq + head) * L + i) * hd;
-              const int64_t n = causal ? S - L + i + 1 : S;
-              const float m = scores(qi, kh, hd, n, hd, scale, p.data());
-              const float inv = 1.0f / exp_shift(p.data(), n, m);
-              for (int64_t j = 0; j < n; j++) p[j] *= inv;
-              scores(gi, vh, hd, n, hd, 1.0f, ds.data());
-              softmax_grad(p.data(), ds.data(), dot(gi, oi, hd), scale, n);
-              std::fill(dqi, dqi + hd, 0.0f);
-              accumulate(dqi, 0.0f, ds.data(), kh, hd, n, hd);
-              for (int64_t j = 0; j < n; j++) {
-                axpy(dkh + j * hd, ds[j], qi, hd);
-                axpy(dvh + j * hd, p[j], gi, hd);
-              }
-            }
-          }
-        }
-      }
+      attend_grad_tiles(qp, kp, vp, op, gp, dqp, dkp, dvp, B, nq, L, hd, nkv, S, scale, causal);
     });
   }
 

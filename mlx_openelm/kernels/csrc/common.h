@@ -280,6 +280,26 @@ using VecW = Vec8;
 #endif
 #endif
 
+// One float, for tails and for CPUs without AVX2.
+struct Vec1 {
+  using V = float;
+  static constexpr int64_t N = 1;
+  static V zero() { return 0.0f; }
+  static V load(const float* p) { return *p; }
+  static V bcast(const float* p) { return *p; }
+  static V fma(V a, V b, V c) { return std::fma(a, b, c); }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) { return std::max(a, b); }
+  static V sub(V a, V b) { return a - b; }
+  static V add(V a, V b) { return a + b; }
+  static V exp(V a) { return std::exp(a); }
+  static float sum(V a) { return a; }
+  static void store(float* p, V a) { *p = a; }
+};
+#ifndef OE_AVX2
+using VecW = Vec1;
+#endif
+
 // out = x * rsqrt(mean(x^2) + eps) * w over one row of D.
 inline void rms_row(const float* x, const float* w, float* out, int64_t D, float eps) {
   int64_t k = 0;
