@@ -412,31 +412,30 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
             std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
             int64_t nkv, int64_t S, float scale, bool causal) {
   if (L > 1) return attend_tiles(qp, kp, ks, vp, vs, op, B, nq, L, hd, nkv, S, scale, causal);
-  const int64_t rep = nq / nkv, items = B * nkv * L;
-  // A decoding row has only a few (kv head) items, fewer than the threads or unevenly many,
-  // so its keys go in spans of SPAN, each with its own softmax state, merged at the end. The
-  // spans depend on the shape alone, so the result does not depend on the thread count.
-  const int64_t parts = L == 1 ? (S + SPAN - 1) / SPAN : 1, units = items * parts;
-  std::vector<float> partial(parts > 1 ? units * rep * (hd + 2) : 0);
+  // One row, decoding: it sees every key, masked or not. It has only a few (kv head) items, fewer
+  // than the threads or unevenly many, so its keys go in spans of SPAN, each with its own softmax
+  // state, merged at the end. The spans depend on the shape alone, so the result does not depend
+  // on the thread count.
+  const int64_t rep = nq / nkv, items = B * nkv, parts = (S + SPAN - 1) / SPAN;
+  const int64_t units = items * parts;
+  std::vector<float> partial(units * rep * (hd + 2));  // per span and head: m, l, the output
   const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-#pragma omp for schedule(dynamic, parts > 1 ? 1 : 4)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < units; unit++) {
-      const int64_t item = unit / parts, part = unit % parts;
-      const int64_t b = item / (nkv * L), g = (item / L) % nkv, i = item % L;
+      const int64_t item = unit / parts, b = item / nkv, g = item % nkv;
       const float* kh = kp + b * ks[0] + g * ks[1];
       const float* vh = vp + b * vs[0] + g * vs[1];
-      const int64_t limit = causal ? S - L + i + 1 : S;
-      const int64_t begin = part * SPAN, end = parts > 1 ? std::min(limit, begin + SPAN) : limit;
+      const int64_t begin = unit % parts * SPAN, end = std::min(S, begin + SPAN);
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
         const int64_t n = std::min(BLOCK, end - j0);
         for (int64_t r = 0; r < rep; r++) {
-          const float* qr = qp + ((b * nq + g * rep + r) * L + i) * hd;
+          const float* qr = qp + (b * nq + g * rep + r) * hd;
           float* sr = block.data() + r * BLOCK;
           const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
           const float m_new = std::max(m[r], bm);
@@ -447,21 +446,14 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
         }
       }
       for (int64_t r = 0; r < rep; r++) {
-        if (parts > 1) {  // this span's state: m, l, then the unnormalised output
-          float* st = partial.data() + (unit * rep + r) * (hd + 2);
-          st[0] = m[r];
-          st[1] = l[r];
-          std::copy_n(acc.data() + r * hd, hd, st + 2);
-          continue;
-        }
-        float* o = op + ((b * L + i) * nq + g * rep + r) * hd;
-        const float inv = 1.0f / l[r];
-        for (int64_t d = 0; d < hd; d++) o[d] = acc[r * hd + d] * inv;
+        float* st = partial.data() + (unit * rep + r) * (hd + 2);
+        st[0] = m[r];
+        st[1] = l[r];
+        std::copy_n(acc.data() + r * hd, hd, st + 2);
       }
     }
   }
-  if (parts == 1) return;
-  for (int64_t item = 0; item < items; item++) {  // L == 1: item is (b, g)
+  for (int64_t item = 0; item < items; item++) {
     const int64_t b = item / nkv, g = item % nkv;
     for (int64_t r = 0; r < rep; r++) {
       auto state = [&](int64_t p) { return partial.data() + ((item * parts + p) * rep + r) * (hd + 2); };
