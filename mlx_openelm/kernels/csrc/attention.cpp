@@ -321,8 +321,8 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
   const int threads = std::min<int64_t>(omp_get_max_threads(), groups);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qt(hd * Mp), gt(hd * Mp), qrow(Mp * hd), grow(Mp * hd), s(BLOCK * Mp),
-        ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp);
+    std::vector<float> qt(hd * Mp), gt(hd * Mp), ot(hd * Mp), qrow(Mp * hd), grow(Mp * hd),
+        s(BLOCK * Mp), ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < groups; item++) {
       const int64_t b = item / nkv, g = item % nkv;
@@ -335,23 +335,30 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
       for (int64_t tile = 0; tile < tl.count; tile++) {
         const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
         const int64_t first = S - L + i0, end = causal ? first + rows : S;
-        for (auto* buf : {&qt, &gt, &qrow, &grow, &dq}) std::fill(buf->begin(), buf->end(), 0.0f);
+        for (auto* buf : {&qt, &gt, &ot, &qrow, &grow, &dq})
+          std::fill(buf->begin(), buf->end(), 0.0f);
         for (int64_t t = 0; t < rows; t++)
           for (int64_t r = 0; r < rep; r++) {
             const int64_t q = t * rep + r, head = g * rep + r;
             const float* qi = qp + ((b * nq + head) * L + i0 + t) * hd;
             const float* gi = gp + ((b * L + i0 + t) * nq + head) * hd;
             const float* oi = op + ((b * L + i0 + t) * nq + head) * hd;
-            float dot_go = 0;  // in dp's order of FMAs: a row that sees one key gets ds = 0
             for (int64_t d = 0; d < hd; d++) {
               qt[d * Mp + q] = qi[d] * scale;
               gt[d * Mp + q] = gi[d];
-              dot_go = std::fma(oi[d], gi[d], dot_go);
+              ot[d * Mp + q] = oi[d];
             }
             std::copy_n(qi, hd, qrow.data() + q * hd);
             std::copy_n(gi, hd, grow.data() + q * hd);
-            D[q] = dot_go;
           }
+        // D = g . o, in the lanes and order of dp's sums: where a row sees one key, o is that
+        // key's v, and its ds is exactly 0, as it should be.
+        for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {
+          auto a = X::zero();
+          for (int64_t d = 0; d < hd; d++)
+            a = X::fma(X::load(ot.data() + d * Mp + m0), X::load(gt.data() + d * Mp + m0), a);
+          X::store(D.data() + m0, a);
+        }
         std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
         std::fill(l.begin(), l.end(), 0.0f);
         for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {  // the softmax's maximum and sum

@@ -297,7 +297,35 @@ struct Vec1 {
   static void store(float* p, V a) { *p = a; }
 };
 #ifndef OE_AVX2
-using VecW = Vec1;
+// Eight floats as a GCC/Clang vector type where there is no AVX2 (NEON on ARM, SSE on older x86):
+// the compiler lowers it to the CPU's own vectors, and the sums run in the same eight lanes, so
+// in the same order, as the AVX2 path's.
+struct VecP {
+  using V = float __attribute__((vector_size(32)));
+  static constexpr int64_t N = 8;
+  static V zero() { return V{}; }
+  static V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static V bcast(const float* p) { return V{} + *p; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) {
+    for (int i = 0; i < 8; i++) a[i] = std::max(a[i], b[i]);
+    return a;
+  }
+  static V sub(V a, V b) { return a - b; }
+  static V add(V a, V b) { return a + b; }
+  static V exp(V a) {
+    for (int i = 0; i < 8; i++) a[i] = std::exp(a[i]);
+    return a;
+  }
+  static float sum(V a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+  static void store(float* p, V a) { std::memcpy(p, &a, sizeof a); }
+};
+using VecW = VecP;
 #endif
 
 // out = x * rsqrt(mean(x^2) + eps) * w over one row of D.

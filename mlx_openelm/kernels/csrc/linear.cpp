@@ -31,19 +31,16 @@ inline bool many_streams() {
 template <int MR, int NR>
 inline void f32_rows(const float* x, const float* w, const float* res, float* out, int64_t K,
                      int64_t N, int64_t n) {
-  float acc_s[MR][NR] = {};
-  int64_t k = 0;
-#ifdef OE_AVX2
   using X = VecW;
   constexpr int U = NR == 1 ? 2 : 1;
   typename X::V acc[MR][NR][U];
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR; r++)
       for (int u = 0; u < U; u++) acc[m][r][u] = X::zero();
+  int64_t k = 0;
   for (; k + U * X::N <= K; k += U * X::N) {
     for (int u = 0; u < U; u++) {
-      if constexpr (NR == 1)
-        _mm_prefetch((const char*)(w + n * K + k + u * X::N + 1024), _MM_HINT_T0);
+      if constexpr (NR == 1) __builtin_prefetch(w + n * K + k + u * X::N + 1024);
       typename X::V xv[MR];
       for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k + u * X::N);
       for (int r = 0; r < NR; r++) {
@@ -52,13 +49,13 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
       }
     }
   }
+  float acc_s[MR][NR];
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR; r++) {
       auto a = acc[m][r][0];
       for (int u = 1; u < U; u++) a = X::add(a, acc[m][r][u]);
       acc_s[m][r] = X::sum(a);
     }
-#endif
   for (; k < K; k++)
     for (int m = 0; m < MR; m++)
       for (int r = 0; r < NR; r++) acc_s[m][r] += w[(n + r) * K + k] * x[m * K + k];
