@@ -7,6 +7,7 @@ Shapes come from the four presets (model dims 1280-3072, head dims 64/128, GQA 4
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -553,6 +554,23 @@ def test_failed_build_says_one_line_and_runs_mlx_ops(tmp_path):
     assert len(lines) == 1 and "running MLX's own ops" in lines[0]
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.glob("*/*.so"))  # nothing half-built left as a module
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is it")
+def test_the_portable_build_passes_the_parity_tests(tmp_path):
+    """A CPU without AVX2 (ARM Linux, older x86) runs the kernels' portable path: here built with
+    AVX2 and FMA turned off, it must pass the parity tests of the kernels it changes (the products,
+    attention forward and backward, the 270M model against MLX's own path and float64)."""
+    env = {**os.environ, "MLX_OPENELM_KERNEL_FLAGS": "-mno-avx2 -mno-fma",
+           "MLX_OPENELM_KERNEL_CACHE": str(tmp_path)}  # fmt: skip
+    status = run_python("from mlx_openelm import kernels; print(kernels.status())", **env)
+    assert status.stdout.startswith("on (portable C++"), status.stdout + status.stderr
+    chosen = "linear_matches or quantized_linear or attention or prefill or 270m"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          __file__, "-k", f"({chosen}) and not portable"],
+                         capture_output=True, text=True, env=env, timeout=1200)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert " passed" in out.stdout and " skipped" not in out.stdout, out.stdout[-500:]
 
 
 def test_a_binary_that_does_not_load_turns_kernels_off(tmp_path, monkeypatch, capsys):

@@ -33,6 +33,12 @@ FLAGS = ["-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-march=native", "
          "-DNDEBUG", "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]  # fmt: skip
 
 
+def _flags() -> list[str]:
+    """FLAGS, then any in MLX_OPENELM_KERNEL_FLAGS: `-mno-avx2 -mno-fma` builds the portable
+    path that a CPU without AVX2 runs (the tests check it that way on x86)."""
+    return FLAGS + os.environ.get("MLX_OPENELM_KERNEL_FLAGS", "").split()
+
+
 class BuildError(RuntimeError):
     """The kernels could not be built here; the message says why in one line."""
 
@@ -81,7 +87,7 @@ def _key(cxx: str, mlx_dir: Path, nb_dir: Path) -> str:
     for part in [
         version,
         _cpu_features(),
-        " ".join(FLAGS),
+        " ".join(_flags()),
         sys.version,
         str(mlx_dir),
         importlib.metadata.version("mlx"),
@@ -139,7 +145,7 @@ def build(verbose: bool = True) -> Path:
             for src in sources:
                 obj = Path(tmp) / (src.stem + ".o")
                 extra = ["-fno-strict-aliasing"] if src.stem == "nb_combined" else []
-                commands.append([cxx, str(src), "-c", "-o", str(obj), *FLAGS, *extra, *includes])
+                commands.append([cxx, str(src), "-c", "-o", str(obj), *_flags(), *extra, *includes])
                 objects.append(str(obj))
             _run_all(commands)
             lib = mlx_dir / "lib"
