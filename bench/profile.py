@@ -30,7 +30,7 @@ import mlx.core as mx  # this module's package, imported first, has picked the B
 import mlx_openelm
 from mlx_openelm import kernels
 
-from .bench import median_time
+from .machine import median_time
 
 EXP_ELEMENTS = 2**22
 

@@ -15,7 +15,8 @@ from rich.console import Console
 from mlx_openelm.errors import MissingDependency, UserError
 
 from . import llama_cpp as llama
-from .bench import BLAS_ENV, machine_info, measure_bandwidth, run_worker
+from .bench import BLAS_ENV, run_worker
+from .machine import machine_info, measure_bandwidth
 from .report import plot, print_report, require_matplotlib
 from .weights import random_folder, uniform_twin
 
