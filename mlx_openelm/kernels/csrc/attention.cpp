@@ -308,8 +308,9 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
   }
 }
 
-// The backward pass, in the same tiles: per tile, a first pass over the keys finds each query's
-// softmax maximum and sum again, a second makes p, dp = g . v and ds = scale p (dp - D), D = g . o,
+// The backward pass, in the same tiles: per tile, a first pass over the keys makes the scores
+// again and finds each query's softmax maximum and sum, a second makes p from the scores, dp =
+// g . v and ds = scale p (dp - D), D = g . o,
 // then dq += ds k, dk += ds^T q and dv += p^T g, each a small matrix product. A (batch, kv head)
 // is one task, so dk and dv have one writer. q, k, v, o, g and the outputs are contiguous.
 void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const float* op,
@@ -322,7 +323,8 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qt(hd * Mp), gt(hd * Mp), ot(hd * Mp), qrow(Mp * hd), grow(Mp * hd),
-        s(BLOCK * Mp), ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp);
+        s(BLOCK * Mp), ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp),
+        scores(S * Mp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < groups; item++) {
       const int64_t b = item / nkv, g = item % nkv;
@@ -361,24 +363,26 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
         }
         std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
         std::fill(l.begin(), l.end(), 0.0f);
-        for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {  // the softmax's maximum and sum
+        // The scores, kept for the second pass, and the softmax's maximum and sum.
+        for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
           const int64_t n = std::min(BLOCK, end - j0);
-          block_scores(qt.data(), Mp, kh + j0 * hd, hd, hd, n, s.data());
-          if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+          float* sj = scores.data() + j0 * Mp;
+          block_scores(qt.data(), Mp, kh + j0 * hd, hd, hd, n, sj);
+          if (causal) mask_block(sj, Mp, n, j0, first, M, rep);
+          std::copy_n(sj, n * Mp, s.data());
           online_softmax(s.data(), Mp, n, m.data(), l.data(), c.data());
         }
         for (int64_t q = 0; q < Mp; q++) l[q] = 1.0f / l[q];
         const auto sv = X::bcast(&scale);
         for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
           const int64_t n = std::min(BLOCK, end - j0);
-          block_scores(qt.data(), Mp, kh + j0 * hd, hd, hd, n, s.data());
-          if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+          const float* sj = scores.data() + j0 * Mp;
           block_scores(gt.data(), Mp, vh + j0 * hd, hd, hd, n, ds.data());
           for (int64_t m0 = 0; m0 < Mp; m0 += X::N) {  // p, then ds in place of dp
             const auto mv = X::load(m.data() + m0), inv = X::load(l.data() + m0);
             const auto Dv = X::load(D.data() + m0);
             for (int64_t j = 0; j < n; j++) {
-              const auto p = X::mul(X::exp(X::sub(X::load(s.data() + j * Mp + m0), mv)), inv);
+              const auto p = X::mul(X::exp(X::sub(X::load(sj + j * Mp + m0), mv)), inv);
               X::store(s.data() + j * Mp + m0, p);
               const auto dpv = X::sub(X::load(ds.data() + j * Mp + m0), Dv);
               X::store(ds.data() + j * Mp + m0, X::mul(X::mul(p, dpv), sv));
@@ -489,10 +493,8 @@ Reference attention_reference(float scale, bool causal, mx::Stream s) {
 
 }  // namespace
 
-// dq, dk, dv of Attention from q, k, v, its output o (B, L, nq, hd) and o's cotangent g.
-// Per key/value head (one task each, so dk and dv have one writer), for each query row i of the
-// heads it serves: p = softmax(scale q_i k^T) again, D = g_i . o_i, dp_j = g_i . v_j,
-// ds_j = scale p_j (dp_j - D); then dq_i = sum_j ds_j k_j, dk_j += ds_j q_i, dv_j += p_j g_i.
+// dq, dk, dv of Attention from q, k, v, its output o (B, L, nq, hd) and o's cotangent g, in
+// attention's tiles (attend_grad_tiles).
 class AttentionGrad : public CpuPrimitive {
  public:
   AttentionGrad(mx::Stream s, float scale, bool causal)
