@@ -81,15 +81,16 @@ def test_quantized_linear_matches_mlx(bits, k, group_size, rows, dtype):
     close(*both(kernels.linear, layer, x))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_quantized_one_row_keeps_float32_accuracy_on_awkward_activations(group_size):
-    # One 4-bit row takes integer dots on VNNI CPUs, with x split into int8 pieces per 32
+def test_quantized_one_row_keeps_float32_accuracy_on_awkward_activations(bits, group_size):
+    # One quantized row takes integer dots on VNNI CPUs, with x split into int8 pieces per 32
     # elements: a block of zeros, an outlier beside tiny values and exact powers of two must
     # come out as float32 does.
     k, n = 1280, 256
     layer = nn.Linear(k, n, bias=False)
     layer.weight = normal(n, k, seed=5) * k**-0.5
-    layer = nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=4)
+    layer = nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=bits)
     x = normal(1, 1, k, seed=6) * 1e-3
     x[..., :32] = 0.0
     x[..., 40] = 1e4

@@ -183,11 +183,12 @@ inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 #endif
 }
 
-// 4-bit decode with integer dot products (VNNI: 32 unsigned-by-signed byte products per 256-bit
-// instruction, against one float FMA per eight weights above), keeping float32 accuracy: each
-// 32-element block of x is split into three int8 pieces, x = d (p1 + p2 / 254 + p3 / 254^2), which
-// leaves an error of d / 2 / 254^3 (~6e-8 of the block's largest |x|), below float32's own
-// rounding in the sums. A single int8 piece, as llama.cpp's q8 activations, would be ~4e-3 off.
+// One-row 4- and 8-bit products with integer dot products (VNNI: 32 unsigned-by-signed byte
+// products per 256-bit instruction, against one float FMA per eight weights above), keeping
+// float32 accuracy: each 32-element block of x is split into three int8 pieces,
+// x = d (p1 + p2 / 254 + p3 / 254^2), which leaves an error of d / 2 / 254^3 (~6e-8 of the
+// block's largest |x|), below float32's own rounding in the sums. A single int8 piece, as
+// llama.cpp's q8 activations, would be ~4e-3 off.
 constexpr int PIECES = 3;
 constexpr float PIECE = 254.f;
 
@@ -211,9 +212,11 @@ inline __m256i pack_int8(__m256 a, __m256 b, __m256 c, __m256 d) {  // 32 integr
                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// x (K floats, K % 64 == 0) -> PIECES rows of K int8 laid out as chunk_at says, and each 32-block's
-// d spread over the lanes that its products land in: dl[8c .. 8c+3] for the chunk's first 32
-// elements, dl[8c+4 .. 8c+7] for the others.
+// x (K floats, K % 64 == 0) -> PIECES rows of K int8 and each 32-block's d. For 4-bit weights
+// (NIBBLES) the pieces are laid out as chunk_at says and d is spread over the lanes that the
+// block's products land in: dl[8c .. 8c+3] for chunk c's first 32 elements, dl[8c+4 .. 8c+7] for
+// the others. For 8-bit weights they are in x's order and dl[b] is block b's d.
+template <bool NIBBLES>
 inline void split_x(const float* x, int64_t K, int8_t* pieces, float* dl) {
   const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   const __m256 piece = _mm256_set1_ps(PIECE);
@@ -224,18 +227,25 @@ inline void split_x(const float* x, int64_t K, int8_t* pieces, float* dl) {
       __m256 m = _mm256_setzero_ps();
       for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xc + 32 * h + 8 * i)));
       const float largest = hmax(m);
-      std::fill_n(dl + 8 * c + 4 * h, 4, largest / 127);
+      if constexpr (NIBBLES) std::fill_n(dl + 8 * c + 4 * h, 4, largest / 127);
+      else dl[2 * c + h] = largest / 127;
       inv[h] = _mm256_set1_ps(largest > 0 ? 127 / largest : 0);
     }
-    // r[0..3]: the even elements in order, r[4..7] the odd ones, each times its block's 127 / max.
+    // Each times its block's 127 / max. With NIBBLES, r[0..3] are the even elements in order and
+    // r[4..7] the odd ones; else r[0..3] are the first 32-block and r[4..7] the second.
     for (int i = 0; i < 4; i++) {
-      const __m256 a = _mm256_loadu_ps(xc + 16 * i), b = _mm256_loadu_ps(xc + 16 * i + 8);
-      const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
-      const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-      r[i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)), inv[i / 2]);
-      r[4 + i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)), inv[i / 2]);
+      if constexpr (NIBBLES) {
+        const __m256 a = _mm256_loadu_ps(xc + 16 * i), b = _mm256_loadu_ps(xc + 16 * i + 8);
+        const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        r[i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)), inv[i / 2]);
+        r[4 + i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)), inv[i / 2]);
+      } else {
+        r[i] = _mm256_mul_ps(_mm256_loadu_ps(xc + 8 * i), inv[0]);
+        r[4 + i] = _mm256_mul_ps(_mm256_loadu_ps(xc + 32 + 8 * i), inv[1]);
+      }
     }
-    const ChunkAt at = chunk_at(c, K);
+    const ChunkAt at = NIBBLES ? chunk_at(c, K) : ChunkAt{c * 64, c * 64 + 32};
     for (int p = 0; p < PIECES; p++) {
       __m256 q[8];
       for (int i = 0; i < 8; i++) {
@@ -278,6 +288,42 @@ inline __m512 lane_scales16(const S* sr, const int32_t* sidx, int64_t b, int64_t
 }
 #endif
 
+// Eight scales or biases as floats.
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const mx::float16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+inline __m256 load8f(const mx::bfloat16_t* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+// sum_g biases[g] xsum[g]: a row's bias term, vectorised (as a scalar chain of dependent adds it
+// was a tenth of a 1280-wide row's time).
+template <typename S>
+inline float bias_term(const S* biases, const float* xsum, int64_t groups) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(load8f(biases + g), _mm256_loadu_ps(xsum + g), acc);
+  float t = hsum(acc);
+  for (; g < groups; g++) t += to_f32(biases[g]) * xsum[g];
+  return t;
+}
+
+// The pieces' lane sums (piece p in units of d / 254^p) as one float. They are combined in the
+// lanes, so a row ends in one horizontal sum rather than one per piece.
+inline __m256 combine_pieces(const __m256* acc) {
+  return _mm256_fmadd_ps(acc[2], _mm256_set1_ps(1 / (PIECE * PIECE)),
+                         _mm256_fmadd_ps(acc[1], _mm256_set1_ps(1 / PIECE), acc[0]));
+}
+#ifdef OE_VNNI512
+inline __m512 combine_pieces(const __m512* acc) {
+  return _mm512_fmadd_ps(acc[2], _mm512_set1_ps(1 / (PIECE * PIECE)),
+                         _mm512_fmadd_ps(acc[1], _mm512_set1_ps(1 / PIECE), acc[0]));
+}
+#endif
+static_assert(PIECES == 3, "combine_pieces sums three pieces");
+
 template <typename S>
 inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* sidx,
                         const float* xsum, const uint8_t* w, const S* scales, const S* biases,
@@ -285,9 +331,7 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
   const int64_t groups = K / gs, row_bytes = K / 2, chunks = K / 64;
   const uint8_t* wr = w + n * row_bytes;
   const S* sr = scales + n * groups;
-  float bias_acc = 0;
-  for (int64_t g = 0; g < groups; g++) bias_acc += to_f32(biases[n * groups + g]) * xsum[g];
-  float total[PIECES] = {};  // piece p's sum, in units of d / 254^p
+  float total = bias_term(biases + n * groups, xsum, groups) + (res ? res[n] : 0.0f);
   int64_t c = 0;
 #ifdef OE_VNNI512
   {
@@ -308,9 +352,13 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
       const __m512 mult = _mm512_mul_ps(lane_scales16(sr, sidx, 2 * c, gs), _mm512_loadu_ps(dl + 8 * c));
       for (int p = 0; p < PIECES; p++) acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[p]), mult, acc[p]);
     }
-    for (int p = 0; p < PIECES; p++) total[p] = _mm512_reduce_add_ps(acc[p]);
+    total += _mm512_reduce_add_ps(combine_pieces(acc));
   }
 #endif
+  if (c == chunks) {
+    out[n] = total;
+    return;
+  }
   const __m256i low4 = _mm256_set1_epi8(15);
   __m256 acc[PIECES];
   for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
@@ -330,12 +378,61 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
     const __m256 mult = _mm256_mul_ps(lane_scales8(sr, sidx, 2 * c), _mm256_loadu_ps(dl + 8 * c));
     for (int p = 0; p < PIECES; p++) acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p]), mult, acc[p]);
   }
-  float sum = 0;
-  for (int p = PIECES - 1; p >= 0; p--) sum = sum / PIECE + total[p] + hsum(acc[p]);
-  out[n] = sum + bias_acc + (res ? res[n] : 0.0f);
+  out[n] = total + hsum(combine_pieces(acc));
 }
 
-// Whether q4_row_vnni takes this shape: whole 64-element chunks, none across two groups.
+// 8-bit decode with the same integer products. The weight bytes are the unsigned operand as they
+// are, and x's pieces lie in order, so a 32-element block is one 256-bit dpbusd per piece whose 8
+// lanes all carry that block's weight scale and d.
+template <typename S>
+inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sidx, const float* xsum,
+                        const uint8_t* w, const S* scales, const S* biases, const float* res,
+                        float* out, int64_t K, int64_t gs, int64_t n) {
+  const int64_t groups = K / gs, blocks = K / 32;
+  const uint8_t* wr = w + n * K;
+  const S* sr = scales + n * groups;
+  float total = bias_term(biases + n * groups, xsum, groups) + (res ? res[n] : 0.0f);
+  int64_t b = 0;
+#ifdef OE_VNNI512
+  {
+    __m512 acc[PIECES];
+    for (int p = 0; p < PIECES; p++) acc[p] = _mm512_setzero_ps();
+    for (; b + 2 <= blocks; b += 2) {  // 64 bytes: one cache line, two blocks
+      _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512((const void*)(wr + b * 32));
+      const __m256 lo = _mm256_set1_ps(to_f32(sr[sidx[b]]) * d[b]);
+      const __m256 hi = _mm256_set1_ps(to_f32(sr[sidx[b + 1]]) * d[b + 1]);
+      const __m512 mult = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+      for (int p = 0; p < PIECES; p++) {
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bytes,
+                                                _mm512_loadu_si512(pieces + p * K + b * 32));
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mult, acc[p]);
+      }
+    }
+    total += _mm512_reduce_add_ps(combine_pieces(acc));
+  }
+#endif
+  if (b == blocks) {
+    out[n] = total;
+    return;
+  }
+  __m256 acc[PIECES];
+  for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
+  for (; b < blocks; b++) {
+    if (b % 2 == 0) _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + b * 32));
+    const __m256 mult = _mm256_set1_ps(to_f32(sr[sidx[b]]) * d[b]);
+    for (int p = 0; p < PIECES; p++) {
+      const __m256i sum = dpbusd(_mm256_setzero_si256(), bytes,
+                                 _mm256_loadu_si256((const __m256i*)(pieces + p * K + b * 32)));
+      acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), mult, acc[p]);
+    }
+  }
+  out[n] = total + hsum(combine_pieces(acc));
+}
+
+// Whether the VNNI rows take this shape: whole 64-element chunks, none across two groups.
 inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
 #endif
 
@@ -592,16 +689,21 @@ class QuantizedLinear : public CpuPrimitive {
           xsum[i] = t;
         }
 #ifdef OE_VNNI
-        if (bits == 4 && M == 1 && vnni_fits(K, gs)) {
+        if (M == 1 && vnni_fits(K, gs)) {
           std::vector<int8_t> pieces(PIECES * K);
           std::vector<float> dl(K / 8);
           std::vector<int32_t> sidx(K / 32);
           for (int64_t b = 0; b < K / 32; b++) sidx[b] = int32_t(b * 32 / gs);
-          split_x(xp, K, pieces.data(), dl.data());
+          if (bits == 4) split_x<true>(xp, K, pieces.data(), dl.data());
+          else split_x<false>(xp, K, pieces.data(), dl.data());
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
             for (int64_t n = n0; n < n1; n++)
-              q4_row_vnni<S>(pieces.data(), dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
-                             op, K, gs, n);
+              if (bits == 4)
+                q4_row_vnni<S>(pieces.data(), dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
+                               op, K, gs, n);
+              else
+                q8_row_vnni<S>(pieces.data(), dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
+                               op, K, gs, n);
           });
           return;
         }
