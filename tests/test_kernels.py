@@ -557,21 +557,42 @@ def test_failed_build_says_one_line_and_runs_mlx_ops(tmp_path):
     assert not list(tmp_path.glob("*/*.so"))  # nothing half-built left as a module
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is it")
-def test_the_portable_build_passes_the_parity_tests(tmp_path):
-    """A CPU without AVX2 (ARM Linux, older x86) runs the kernels' portable path: here built with
-    AVX2 and FMA turned off, it must pass the parity tests of the kernels it changes (the products,
-    attention forward and backward, the 270M model against MLX's own path and float64)."""
-    env = {**os.environ, "MLX_OPENELM_KERNEL_FLAGS": "-mno-avx2 -mno-fma",
+def passes_the_parity_tests(tmp_path, flags: str, simd: str) -> None:
+    """The kernels built with these compiler flags say `simd` in their status and pass the parity
+    tests of the kernels that the flags change (the products, attention forward and backward, the
+    270M model against MLX's own path and float64)."""
+    env = {**os.environ, "MLX_OPENELM_KERNEL_FLAGS": flags,
            "MLX_OPENELM_KERNEL_CACHE": str(tmp_path)}  # fmt: skip
     status = run_python("from mlx_openelm import kernels; print(kernels.status())", **env)
-    assert status.stdout.startswith("on (portable C++"), status.stdout + status.stderr
-    chosen = "linear_matches or quantized_linear or attention or prefill or 270m"
+    assert status.stdout.startswith(f"on ({simd}"), status.stdout + status.stderr
+    chosen = "linear_matches or quantized or attention or prefill or 270m"
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          __file__, "-k", f"({chosen}) and not portable"],
+                          __file__, "-k", f"({chosen}) and not build_passes"],
                          capture_output=True, text=True, env=env, timeout=1200)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:]
     assert " passed" in out.stdout and " skipped" not in out.stdout, out.stdout[-500:]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is it")
+def test_the_portable_build_passes_the_parity_tests(tmp_path):
+    """A CPU without AVX2 (ARM Linux, older x86) runs the kernels' portable path: here built with
+    AVX2 and FMA turned off."""
+    passes_the_parity_tests(tmp_path, "-mno-avx2 -mno-fma", "portable C++")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()[2:]) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="without AVX-512 the default build is it")
+def test_the_avx2_build_passes_the_parity_tests(tmp_path):
+    """Most desktop x86 CPUs have AVX2 but not AVX-512, and run the 8-float paths (the one-row
+    4/8-bit products with AVX-VNNI where they have it): on a CPU with AVX-512, build them alone."""
+    passes_the_parity_tests(tmp_path, "-mno-avx512f", "AVX2/FMA")
 
 
 def test_a_binary_that_does_not_load_turns_kernels_off(tmp_path, monkeypatch, capsys):

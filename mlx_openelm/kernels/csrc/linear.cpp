@@ -690,19 +690,21 @@ class QuantizedLinear : public CpuPrimitive {
         }
 #ifdef OE_VNNI
         if (M == 1 && vnni_fits(K, gs)) {
-          std::vector<int8_t> pieces(PIECES * K);
+          // At a cache line's start, so that no 512-bit load of a piece spans two lines.
+          std::vector<int8_t> piece_store(PIECES * K + 64);
+          int8_t* pieces = piece_store.data() + (64 - uintptr_t(piece_store.data()) % 64) % 64;
           std::vector<float> dl(K / 8);
           std::vector<int32_t> sidx(K / 32);
           for (int64_t b = 0; b < K / 32; b++) sidx[b] = int32_t(b * 32 / gs);
-          if (bits == 4) split_x<true>(xp, K, pieces.data(), dl.data());
-          else split_x<false>(xp, K, pieces.data(), dl.data());
+          if (bits == 4) split_x<true>(xp, K, pieces, dl.data());
+          else split_x<false>(xp, K, pieces, dl.data());
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
             for (int64_t n = n0; n < n1; n++)
               if (bits == 4)
-                q4_row_vnni<S>(pieces.data(), dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
+                q4_row_vnni<S>(pieces, dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
                                op, K, gs, n);
               else
-                q8_row_vnni<S>(pieces.data(), dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
+                q8_row_vnni<S>(pieces, dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
                                op, K, gs, n);
           });
           return;
