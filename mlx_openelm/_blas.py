@@ -81,9 +81,41 @@ def _load_gomp() -> bool:
     return True
 
 
+def bundled_blas_bound() -> bool:
+    """Whether MLX's CPU matmuls run on the reference BLAS that its wheel bundles: it is mapped
+    (`mlx_cpu.libs/libblas-*`) and none of the libraries above is, to take its symbols first."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    fast = ("libmkl_rt", "libopenblas", "libblis")
+    return "mlx_cpu.libs/libblas" in maps and not any(name in maps for name in fast)
+
+
+def _warn_if_too_late() -> None:
+    """A script that imports mlx.core before mlx_openelm leaves MLX on its reference BLAS, and a
+    prefill then runs 10-100x slower with nothing to say why: say it, once."""
+    global _warned
+    if _warned or os.environ.get("MLX_OPENELM_BLAS") == "none" or not bundled_blas_bound():
+        return
+    _warned = True
+    print(
+        "mlx-openelm: mlx.core was imported before mlx_openelm, so MLX's CPU matmuls run on the "
+        "slow reference BLAS its wheel bundles; import mlx_openelm first",
+        file=sys.stderr,
+    )
+
+
+_warned = False
+
+
 def load_fast_blas() -> str | None:
     global loaded
-    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
+    if not sys.platform.startswith("linux"):
+        return loaded
+    if "mlx.core" in sys.modules:
+        _warn_if_too_late()
         return loaded
     # GNU OpenMP (our kernels, and MKL below) spins ~300k rounds between parallel regions by
     # default. A decode step runs ~150 short regions: on a shared 2-core machine those spinning

@@ -41,3 +41,19 @@ def test_auto_loads_the_first_library_present_in_the_vendors_order():
 
 def test_none_loads_nothing():
     assert _loaded_in_fresh_process("none") == "None"
+
+
+def _stderr_of(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stderr
+
+
+def test_importing_mlx_first_says_the_blas_is_the_slow_one():
+    check = "from mlx_openelm import _blas; print(_blas.bundled_blas_bound())"
+    probe = subprocess.run([sys.executable, "-c", f"import mlx.core; {check}"],
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.stdout.strip() != "True":
+        pytest.skip("this mlx does not bundle the reference BLAS")
+    assert "import mlx_openelm first" in _stderr_of("import mlx.core; import mlx_openelm")
+    assert "import mlx_openelm first" not in _stderr_of("import mlx_openelm; import mlx.core")
