@@ -18,6 +18,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_openelm import kernels
+from mlx_openelm.kernels import build
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels {kernels.status()}")
 
@@ -530,6 +531,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 GENERATE = """
 import mlx_openelm, mlx.core as mx
 from mlx_openelm import kernels
+from mlx_openelm.kernels import build
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.model import Model
 print(kernels.status())
@@ -580,15 +582,8 @@ def test_the_portable_build_passes_the_parity_tests(tmp_path):
     passes_the_parity_tests(tmp_path, "-mno-avx2 -mno-fma", "portable C++")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split()[2:]) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="without AVX-512 the default build is it")
+@pytest.mark.skipif("avx512f" not in build._cpu_features().split(),
+                    reason="without AVX-512 the default build is it")  # fmt: skip
 def test_the_avx2_build_passes_the_parity_tests(tmp_path):
     """Most desktop x86 CPUs have AVX2 but not AVX-512, and run the 8-float paths (the one-row
     4/8-bit products with AVX-VNNI where they have it): on a CPU with AVX-512, build them alone."""
@@ -596,8 +591,6 @@ def test_the_avx2_build_passes_the_parity_tests(tmp_path):
 
 
 def test_a_binary_that_does_not_load_turns_kernels_off(tmp_path, monkeypatch, capsys):
-    from mlx_openelm.kernels import build
-
     bogus = tmp_path / "_openelm_kernels.so"
     bogus.write_bytes(b"not an ELF file")
     monkeypatch.setattr(build, "build", lambda: bogus)
