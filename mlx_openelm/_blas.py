@@ -21,6 +21,8 @@ import ctypes
 import os
 import sys
 
+from ._cpuinfo import cpuinfo
+
 CANDIDATES = {
     # Intel's MKL from PyPI: libmkl_rt lands in the environment's lib folder, off the loader's path.
     "mkl": [
@@ -58,14 +60,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo("vendor_id")
 
 
 def auto_order(vendor: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_openelm import _blas
+from mlx_openelm._cpuinfo import cpuinfo
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -17,6 +18,16 @@ def test_amd_prefers_openblas_and_other_cpus_mkl():
     assert _blas.auto_order("GenuineIntel")[0] == "mkl"
     assert _blas.auto_order("")[0] == "mkl"
     assert sorted(_blas.auto_order("AuthenticAMD")) == sorted(_blas.AUTO)
+
+
+def test_cpuinfo_reads_a_field_by_its_whole_key():
+    """The vendor, the flags the kernels' build is keyed on, and the model name come from here."""
+    if os.uname().machine == "x86_64":
+        assert _blas.cpu_vendor() in {"GenuineIntel", "AuthenticAMD"}
+        assert "sse2" in cpuinfo("flags", "Features").split()
+        assert cpuinfo("model name")
+    # a key is matched whole: "flag" is not "flags"
+    assert cpuinfo("flag") == cpuinfo("model name ") == cpuinfo("no such key") == ""
 
 
 def _loaded_in_fresh_process(choice: str) -> str:

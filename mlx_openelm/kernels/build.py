@@ -26,6 +26,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from .._cpuinfo import cpuinfo
+
 MODULE = "_openelm_kernels"
 SOURCES = ["linear.cpp", "norm.cpp", "attention.cpp", "loss.cpp", "bindings.cpp"]
 CSRC = Path(__file__).parent / "csrc"
@@ -58,13 +60,8 @@ def _compiler() -> str:
 
 
 def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
+    """The CPU's instruction-set flags, space-separated: builds use `-march=native`."""
+    return cpuinfo("flags", "Features")
 
 
 def _paths() -> tuple[Path, Path]:
