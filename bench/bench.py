@@ -131,6 +131,10 @@ class MLXRunner:
         self.model.set_dtype(getattr(self.mx, dtype))
         if q_bits:
             nn.quantize(self.model, group_size=64, bits=q_bits)
+        if self.kernels is not None:  # as `generate` loads it: 16-bit scales, float32 around them
+            from mlx_openelm.loading import float32_on_cpu
+
+            float32_on_cpu(self.model)
         self.mx.eval(self.model.parameters())
 
     def run(self, prompt: list[int], gen: int, check: bool = False):

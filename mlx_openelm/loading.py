@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import save_model as _mlx_lm_save_model
 
@@ -43,6 +45,43 @@ def save_model(
 PATTERNS = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 
 
+HALF = (mx.float16, mx.bfloat16)
+
+
+def product_scales(model: nn.Module) -> set[str]:
+    """The parameter names of the quantized products' scales and biases: the 16-bit parameters
+    that the CPU kernels read as they are, with float32 activations."""
+    return {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.QuantizedLinear)
+        for key in ("scales", "biases")
+    }
+
+
+def float32_on_cpu(model: nn.Module) -> int:
+    """On a CPU, run a quantized model with 16-bit parameters in float32; return how many
+    parameters changed.
+
+    A folder quantized on a Mac (`convert -q` writes bfloat16 there, as mlx-community's do) keeps
+    its norms and the embedding's scales in 16 bits, so its activations would be 16-bit, which
+    the CPU kernels do not take and MLX's CPU back end runs in scalar code. Those few parameters
+    become float32 (a few MB); the products' scales and biases stay 16-bit, which the kernels read
+    as fast as float32 ones. A 16-bit model that is not quantized stays as it is: doubling all of
+    it is the user's choice (`convert --dtype float32`; `generate` says so).
+    """
+    if mx.default_device() != mx.cpu:
+        return 0
+    params = tree_flatten(model.parameters())
+    if not any(key.endswith(".scales") for key, _ in params):
+        return 0
+    keep = product_scales(model)
+    cast = [(k, p.astype(mx.float32)) for k, p in params if p.dtype in HALF and k not in keep]
+    if cast:
+        model.load_weights(cast, strict=False)
+    return len(cast)
+
+
 def load_config(folder: str | Path) -> ModelArgs:
     return ModelArgs.from_file(Path(folder) / "config.json")
 
@@ -53,6 +92,7 @@ def load(
     naive_rms_norm: bool = False,
     lazy: bool = False,
     adapter_path: str | Path | None = None,
+    run_on_cpu: bool = False,
 ) -> tuple[Model, Any, ModelArgs]:
     """Load an MLX OpenELM folder (ours or mlx-community's), local or a Hub repo id.
 
@@ -61,6 +101,8 @@ def load(
         naive_rms_norm: build the unfused RMSNorm of the paper (for benchmarks).
         lazy: leave the weights memory-mapped until first use.
         adapter_path: a LoRA/DoRA adapter folder (`mlx-openelm lora`) to apply.
+        run_on_cpu: to run the model, not to write it out: on a CPU a quantized model with
+            16-bit parameters then computes in float32 (`float32_on_cpu`).
 
     Returns:
         (model, tokenizer, config); tokenizer is None when the folder has none.
@@ -87,5 +129,7 @@ def load(
         from .adapters import load_adapters  # mlx-lm's tuner package only when asked for
 
         load_adapters(model, adapter_path)
+    if run_on_cpu:
+        float32_on_cpu(model)
     model.eval()
     return model, load_tokenizer(folder), args

@@ -66,6 +66,7 @@ def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
     from mlx.utils import tree_flatten
 
     from . import _blas, kernels
+    from .loading import HALF, product_scales
 
     if mx.default_device() != mx.cpu:
         return []
@@ -78,7 +79,8 @@ def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
         )
     params = tree_flatten(model.parameters())
     quantised = any(key.endswith(".scales") for key, _ in params)
-    half = any(p.dtype in (mx.bfloat16, mx.float16) for _, p in params)
+    scales = product_scales(model)  # the kernels take them in 16 bits (`float32_on_cpu`)
+    half = any(p.dtype in HALF for key, p in params if key not in scales)
     fast_quantised = quantised and not half and kernels.available()
     kind = "16-bit" if half else "quantised" if quantised and not fast_quantised else None
     if kind:
@@ -96,7 +98,7 @@ def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.
     """`load` a folder (and adapters) and insist on a tokenizer whose ids fit the vocabulary."""
     from .loading import load
 
-    model, tokenizer, args = load(path, adapter_path=adapter_path)
+    model, tokenizer, args = load(path, adapter_path=adapter_path, run_on_cpu=True)
     tokenizer = require_tokenizer(tokenizer, path)
     for note in cpu_speed_notes(model, path):
         print(f"note: {note}", file=sys.stderr)

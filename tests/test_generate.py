@@ -307,6 +307,35 @@ def test_cpu_speed_notes_name_slow_weights_and_a_missing_blas(monkeypatch):
     assert "bundled reference BLAS" in cpu_speed_notes(tiny_model())[0]
 
 
+def test_a_quantized_16_bit_model_runs_in_float32_on_the_cpu(monkeypatch):
+    """A folder quantized on a Mac (bfloat16): its norms and the embedding's scales become float32,
+    so the activations are float32 (what the kernels take); the products keep 16-bit scales."""
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.loading import float32_on_cpu, product_scales
+    from mlx_openelm.prepare import cpu_speed_notes
+
+    model = tiny_model(seed=4)
+    model.set_dtype(mx.bfloat16)
+    assert float32_on_cpu(model) == 0  # not quantized: doubling it is the user's choice
+    nn.quantize(model, group_size=32, bits=4)
+    ids = mx.array([[5, 6, 7]])
+    before = model(ids)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert float32_on_cpu(model) == 0  # a GPU runs 16 bits as they are
+    monkeypatch.undo()
+    assert float32_on_cpu(model) > 0
+    kept = product_scales(model)
+    dtypes = {key: p.dtype for key, p in tree_flatten(model.parameters())}
+    assert kept and all(dtypes[key] == mx.bfloat16 for key in kept)
+    assert all(d in (mx.float32, mx.uint32) for key, d in dtypes.items() if key not in kept)
+    after = model(ids)
+    assert before.dtype == mx.bfloat16 and after.dtype == mx.float32
+    assert mx.allclose(after, before.astype(mx.float32), atol=0.1).item()  # bfloat16's precision
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert not any("16-bit" in note for note in cpu_speed_notes(model))
+
+
 def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
     from mlx_openelm.loading import save_model
     from mlx_openelm.tokenizer import write_tokenizer_files
@@ -318,6 +347,14 @@ def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
     result = cli("generate", "--model", str(tmp_path), "--prompt", PROMPT, "--max-tokens", "2")
     assert result.exit_code == 0, result.output
     assert "16-bit weights" in result.stderr and "--dtype float32" in result.stderr
+    # Quantized too (as on a Mac): it runs in float32 around its 16-bit scales, fast, no note.
+    nn.quantize(model, group_size=32, bits=4)
+    save_model(tmp_path, model, model.args, quantization={"group_size": 32, "bits": 4})
+    result = cli("generate", "--model", str(tmp_path), "--prompt", PROMPT, "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
+    from mlx_openelm import kernels
+
+    assert ("note:" in result.stderr) == (not kernels.available()), result.stderr
 
 
 def test_cli_ctrl_c_still_reports(folder, monkeypatch):

@@ -71,7 +71,7 @@ def test_linear_leaves_many_rows_and_biases_to_mlx():
     "k, group_size", [(1280, 32), (1280, 64), (1280, 128), (832, 32), (832, 64)]
 )
 @pytest.mark.parametrize("rows", [1, 3, 7])  # 7 > MAX_ROWS: dequantize, then sgemm
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])  # of the scales
 def test_quantized_linear_matches_mlx(bits, k, group_size, rows, dtype):
     n = 300
     layer = nn.Linear(k, n, bias=False)
@@ -476,20 +476,29 @@ def weights_270m():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("q_bits", [None, 8, 4])
-def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, weights_270m):
+@pytest.mark.parametrize("q_bits, dtype", [(None, None), (8, None), (4, None), (4, mx.bfloat16)])
+def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, dtype, weights_270m):
     """OpenELM-270M: 64 greedy tokens equal with kernels on and off (fp32, and MLX's own 8/4-bit
-    path); fp32 logits as exact as MLX's own."""
+    path); fp32 logits as exact as MLX's own. With `dtype`, quantized from bfloat16 (as `convert
+    -q` on a Mac, and mlx-community, write it) and loaded to run on a CPU: bfloat16 scales."""
     from mlx_openelm.config import preset
     from mlx_openelm.generate import generate_step
+    from mlx_openelm.loading import float32_on_cpu
     from mlx_openelm.model import Model
 
     model = Model(preset("270M"))
     model.update(weights_270m)
+    if dtype:
+        model.set_dtype(dtype)
     if q_bits:
         nn.quantize(model, group_size=64, bits=q_bits)
+    if dtype:
+        assert float32_on_cpu(model) > 0
+        scales = model.layers[0].attn.qkv_proj.scales
+        assert scales.dtype == dtype and model.transformer.norm.weight.dtype == mx.float32
     mx.eval(model.parameters())
     prompt = mx.array([(7 * i + 3) % 32000 for i in range(16)])
+    assert model(prompt[None, :2]).dtype == mx.float32  # what the kernels take, all along
     steps = 64
 
     def tokens():

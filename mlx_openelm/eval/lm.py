@@ -55,7 +55,7 @@ class MLXOpenELM(TemplateLM):
                 raise UserError("Name the model folder: --model_args model=PATH")
             from ..loading import load
 
-            loaded_model, tokenizer, _ = load(path, adapter_path=adapter_path)
+            loaded_model, tokenizer, _ = load(path, adapter_path=adapter_path, run_on_cpu=True)
             loaded = (loaded_model, require_tokenizer(tokenizer, path))
         self.model, self.tokenizer = loaded
         self.path, self.adapter_path = path, adapter_path

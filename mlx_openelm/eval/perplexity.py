@@ -96,7 +96,7 @@ def perplexity(
         from ..loading import load
         from ..tokenizer import require_tokenizer
 
-        m, tokenizer, _ = load(model, adapter_path=adapter_path)
+        m, tokenizer, _ = load(model, adapter_path=adapter_path, run_on_cpu=True)
         tokenizer = require_tokenizer(tokenizer, model)
     else:
         m, tokenizer = loaded

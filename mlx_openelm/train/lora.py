@@ -100,7 +100,7 @@ def lora(
     # Validate every data line before loading the model or writing anything.
     splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
     folder = hub.resolve(model, allow_patterns=PATTERNS)
-    base, model_tokenizer, model_args = load(folder)
+    base, model_tokenizer, model_args = load(folder, run_on_cpu=True)
     tokenizer = tokenizer or require_tokenizer(model_tokenizer, model)
     template = template_for_training(folder, chat_template)
     train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length, template)

@@ -81,6 +81,51 @@ inline float to_f32(mx::float16_t v) { return static_cast<float>(v); }
 inline float to_f32(mx::bfloat16_t v) { return static_cast<float>(v); }
 
 #ifdef OE_AVX2
+// Eight scales or biases as floats.
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const mx::float16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+inline __m256 load8f(const mx::bfloat16_t* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+#endif
+
+// sum_g biases[g] xsum[g]: a row's bias term, vectorised (as a scalar chain of dependent adds it
+// was a tenth of a 1280-wide row's time).
+template <typename S>
+inline float bias_term(const S* biases, const float* xsum, int64_t groups) {
+  int64_t g = 0;
+  float t = 0;
+#ifdef OE_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(load8f(biases + g), _mm256_loadu_ps(xsum + g), acc);
+  t = hsum(acc);
+#endif
+  for (; g < groups; g++) t += to_f32(biases[g]) * xsum[g];
+  return t;
+}
+
+// n scales or biases as floats: `p` itself when they are, else converted into `buf`, eight at a
+// time. The VNNI rows convert a row's once and read floats within; converting each where it was
+// used made a folder with 16-bit scales (what `convert -q` writes on a Mac, and mlx-community's
+// quantized models) decode up to 1.5x slower than one with float32 scales.
+template <typename S>
+inline const float* as_floats(const S* p, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<S, float>) {
+    return p;
+  } else {
+    int64_t i = 0;
+#ifdef OE_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load8f(p + i));
+#endif
+    for (; i < n; i++) buf[i] = to_f32(p[i]);
+    return buf;
+  }
+}
+
+#ifdef OE_AVX2
 // Eight weights of row `p` starting at element k (a multiple of 8), as floats.
 template <int BITS>
 inline __m256 unpack8(const uint8_t* p, int64_t k) {
@@ -112,15 +157,13 @@ inline void q_row(const float* x, const float* xsum, const uint8_t* w, const S* 
                   int64_t n) {
   const int64_t groups = K / gs;
   const uint8_t* wr = w + n * K * BITS / 8;
-  float bias_acc[MR] = {}, acc_s[MR] = {};
+  float acc_s[MR] = {};
 #ifdef OE_AVX2
   __m256 acc[MR];
   for (int m = 0; m < MR; m++) acc[m] = _mm256_setzero_ps();
 #endif
   for (int64_t g = 0; g < groups; g++) {
     const int64_t k0 = g * gs;
-    const float b = to_f32(biases[n * groups + g]);
-    for (int m = 0; m < MR; m++) bias_acc[m] += b * xsum[m * groups + g];
 #ifdef OE_AVX2
     // This group's bytes in the row AHEAD rows on: the hardware prefetcher alone left these
     // rows, slower to consume than fp32 ones, well short of the memory bandwidth.
@@ -163,7 +206,8 @@ inline void q_row(const float* x, const float* xsum, const uint8_t* w, const S* 
   for (int m = 0; m < MR; m++) acc_s[m] = hsum(acc[m]);
 #endif
   for (int m = 0; m < MR; m++)
-    out[m * N + n] = acc_s[m] + bias_acc[m] + (res ? res[m * N + n] : 0.0f);
+    out[m * N + n] = acc_s[m] + bias_term(biases + n * groups, xsum + m * groups, groups) +
+                     (res ? res[m * N + n] : 0.0f);
 }
 
 template <int BITS, int MR, typename S>
@@ -261,54 +305,27 @@ inline void split_x(const float* x, int64_t K, int8_t* pieces, float* dl) {
 
 // The scales of 32-blocks b and b + 1 (sidx: each block's group) over the 8 lanes that their
 // products land in.
-template <typename S>
-inline __m256 lane_scales8(const S* sr, const int32_t* sidx, int64_t b) {
-  return _mm256_set_m128(_mm_set1_ps(to_f32(sr[sidx[b + 1]])), _mm_set1_ps(to_f32(sr[sidx[b]])));
+inline __m256 lane_scales8(const float* sr, const int32_t* sidx, int64_t b) {
+  return _mm256_set_m128(_mm_set1_ps(sr[sidx[b + 1]]), _mm_set1_ps(sr[sidx[b]]));
 }
 
 #ifdef OE_VNNI512
-// The scales of 32-blocks b .. b + 3 over the 16 lanes that their products land in (4 each). With
-// float scales in groups of 32, 64 or 128 (what `convert -q` writes) that is one load and at most
-// one permute: building it from four scalars took a quarter of the loop's instructions.
-template <typename S>
-inline __m512 lane_scales16(const S* sr, const int32_t* sidx, int64_t b, int64_t gs) {
+// The scales of 32-blocks b .. b + 3 over the 16 lanes that their products land in (4 each). In
+// groups of 32, 64 or 128 (what `convert -q` writes) that is one load and at most one permute:
+// building it from four scalars took a quarter of the loop's instructions.
+inline __m512 lane_scales16(const float* sr, const int32_t* sidx, int64_t b, int64_t gs) {
   const __m512i spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  if constexpr (std::is_same_v<S, float>) {
-    const __m512i spread2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    if (gs == 32) return _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(_mm_loadu_ps(sr + b)));
-    if (gs == 64) {
-      const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b / 2)));
-      return _mm512_permutexvar_ps(spread2, _mm512_castps128_ps512(two));
-    }
-    if (gs % 128 == 0) return _mm512_set1_ps(sr[sidx[b]]);
+  const __m512i spread2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  if (gs == 32) return _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(_mm_loadu_ps(sr + b)));
+  if (gs == 64) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b / 2)));
+    return _mm512_permutexvar_ps(spread2, _mm512_castps128_ps512(two));
   }
-  const __m128 s4 = _mm_setr_ps(to_f32(sr[sidx[b]]), to_f32(sr[sidx[b + 1]]),
-                                to_f32(sr[sidx[b + 2]]), to_f32(sr[sidx[b + 3]]));
+  if (gs % 128 == 0) return _mm512_set1_ps(sr[sidx[b]]);
+  const __m128 s4 = _mm_setr_ps(sr[sidx[b]], sr[sidx[b + 1]], sr[sidx[b + 2]], sr[sidx[b + 3]]);
   return _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(s4));
 }
 #endif
-
-// Eight scales or biases as floats.
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const mx::float16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
-}
-inline __m256 load8f(const mx::bfloat16_t* p) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
-
-// sum_g biases[g] xsum[g]: a row's bias term, vectorised (as a scalar chain of dependent adds it
-// was a tenth of a 1280-wide row's time).
-template <typename S>
-inline float bias_term(const S* biases, const float* xsum, int64_t groups) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(load8f(biases + g), _mm256_loadu_ps(xsum + g), acc);
-  float t = hsum(acc);
-  for (; g < groups; g++) t += to_f32(biases[g]) * xsum[g];
-  return t;
-}
 
 // The pieces' lane sums (piece p in units of d / 254^p) as one float. They are combined in the
 // lanes, so a row ends in one horizontal sum rather than one per piece.
@@ -324,14 +341,13 @@ inline __m512 combine_pieces(const __m512* acc) {
 #endif
 static_assert(PIECES == 3, "combine_pieces sums three pieces");
 
-template <typename S>
+// Row n of a one-row 4-bit product; sr and br are its scales and biases as floats.
 inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* sidx,
-                        const float* xsum, const uint8_t* w, const S* scales, const S* biases,
+                        const float* xsum, const uint8_t* w, const float* sr, const float* br,
                         const float* res, float* out, int64_t K, int64_t gs, int64_t n) {
-  const int64_t groups = K / gs, row_bytes = K / 2, chunks = K / 64;
+  const int64_t row_bytes = K / 2, chunks = K / 64;
   const uint8_t* wr = w + n * row_bytes;
-  const S* sr = scales + n * groups;
-  float total = bias_term(biases + n * groups, xsum, groups) + (res ? res[n] : 0.0f);
+  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
   int64_t c = 0;
 #ifdef OE_VNNI512
   {
@@ -384,14 +400,12 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
 // 8-bit decode with the same integer products. The weight bytes are the unsigned operand as they
 // are, and x's pieces lie in order, so a 32-element block is one 256-bit dpbusd per piece whose 8
 // lanes all carry that block's weight scale and d.
-template <typename S>
 inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sidx, const float* xsum,
-                        const uint8_t* w, const S* scales, const S* biases, const float* res,
+                        const uint8_t* w, const float* sr, const float* br, const float* res,
                         float* out, int64_t K, int64_t gs, int64_t n) {
-  const int64_t groups = K / gs, blocks = K / 32;
+  const int64_t blocks = K / 32;
   const uint8_t* wr = w + n * K;
-  const S* sr = scales + n * groups;
-  float total = bias_term(biases + n * groups, xsum, groups) + (res ? res[n] : 0.0f);
+  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
   int64_t b = 0;
 #ifdef OE_VNNI512
   {
@@ -400,8 +414,8 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
     for (; b + 2 <= blocks; b += 2) {  // 64 bytes: one cache line, two blocks
       _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
       const __m512i bytes = _mm512_loadu_si512((const void*)(wr + b * 32));
-      const __m256 lo = _mm256_set1_ps(to_f32(sr[sidx[b]]) * d[b]);
-      const __m256 hi = _mm256_set1_ps(to_f32(sr[sidx[b + 1]]) * d[b + 1]);
+      const __m256 lo = _mm256_set1_ps(sr[sidx[b]] * d[b]);
+      const __m256 hi = _mm256_set1_ps(sr[sidx[b + 1]] * d[b + 1]);
       const __m512 mult = _mm512_castpd_ps(_mm512_insertf64x4(
           _mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
       for (int p = 0; p < PIECES; p++) {
@@ -422,7 +436,7 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
   for (; b < blocks; b++) {
     if (b % 2 == 0) _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
     const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + b * 32));
-    const __m256 mult = _mm256_set1_ps(to_f32(sr[sidx[b]]) * d[b]);
+    const __m256 mult = _mm256_set1_ps(sr[sidx[b]] * d[b]);
     for (int p = 0; p < PIECES; p++) {
       const __m256i sum = dpbusd(_mm256_setzero_si256(), bytes,
                                  _mm256_loadu_si256((const __m256i*)(pieces + p * K + b * 32)));
@@ -699,13 +713,17 @@ class QuantizedLinear : public CpuPrimitive {
           if (bits == 4) split_x<true>(xp, K, pieces, dl.data());
           else split_x<false>(xp, K, pieces, dl.data());
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
-            for (int64_t n = n0; n < n1; n++)
+            std::vector<float> buf(2 * groups);
+            for (int64_t n = n0; n < n1; n++) {
+              const float* sr = as_floats(sp + n * groups, groups, buf.data());
+              const float* br = as_floats(bp + n * groups, groups, buf.data() + groups);
               if (bits == 4)
-                q4_row_vnni<S>(pieces, dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
-                               op, K, gs, n);
+                q4_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
+                            gs, n);
               else
-                q8_row_vnni<S>(pieces, dl.data(), sidx.data(), xsum.data(), wp, sp, bp, rp,
-                               op, K, gs, n);
+                q8_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
+                            gs, n);
+            }
           });
           return;
         }
