@@ -260,6 +260,18 @@ inline void online_softmax(float* s, int64_t Mp, int64_t n, float* m, float* l, 
   }
 }
 
+// xt[d][t * rep + r] = mult * x(t, r)[d]: a tile's vectors (rows t, heads r of the GQA group),
+// held transposed, for the forward's q and the backward's q, g and o alike.
+template <class Vector>
+inline void transpose_tile(float* xt, int64_t Mp, int64_t rows, int64_t rep, int64_t hd, float mult,
+                           Vector x) {
+  for (int64_t t = 0; t < rows; t++)
+    for (int64_t r = 0; r < rep; r++) {
+      const float* v = x(t, r);
+      for (int64_t d = 0; d < hd; d++) xt[d * Mp + t * rep + r] = v[d] * mult;
+    }
+}
+
 // attend() for L > 1.
 void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, const float* vp,
                   std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L,
@@ -279,11 +291,9 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
       const float* kh = kp + b * ks[0] + g * ks[1];
       const float* vh = vp + b * vs[0] + g * vs[1];
       std::fill(qt.begin(), qt.end(), 0.0f);
-      for (int64_t t = 0; t < rows; t++)
-        for (int64_t r = 0; r < rep; r++) {
-          const float* q = qp + ((b * nq + g * rep + r) * L + i0 + t) * hd;
-          for (int64_t d = 0; d < hd; d++) qt[d * Mp + t * rep + r] = q[d] * scale;
-        }
+      transpose_tile(qt.data(), Mp, rows, rep, hd, scale, [&](int64_t t, int64_t r) {
+        return qp + ((b * nq + g * rep + r) * L + i0 + t) * hd;
+      });
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
@@ -339,19 +349,18 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
         const int64_t first = S - L + i0, end = causal ? first + rows : S;
         for (auto* buf : {&qt, &gt, &ot, &qrow, &grow, &dq})
           std::fill(buf->begin(), buf->end(), 0.0f);
+        // q in (B, nq, L, hd), g and o in the output's (B, L, nq, hd).
+        auto q_at = [&](int64_t t, int64_t r) { return qp + ((b * nq + g * rep + r) * L + i0 + t) * hd; };
+        auto out_at = [&](const float* x) {
+          return [=](int64_t t, int64_t r) { return x + ((b * L + i0 + t) * nq + g * rep + r) * hd; };
+        };
+        transpose_tile(qt.data(), Mp, rows, rep, hd, scale, q_at);
+        transpose_tile(gt.data(), Mp, rows, rep, hd, 1.0f, out_at(gp));
+        transpose_tile(ot.data(), Mp, rows, rep, hd, 1.0f, out_at(op));
         for (int64_t t = 0; t < rows; t++)
           for (int64_t r = 0; r < rep; r++) {
-            const int64_t q = t * rep + r, head = g * rep + r;
-            const float* qi = qp + ((b * nq + head) * L + i0 + t) * hd;
-            const float* gi = gp + ((b * L + i0 + t) * nq + head) * hd;
-            const float* oi = op + ((b * L + i0 + t) * nq + head) * hd;
-            for (int64_t d = 0; d < hd; d++) {
-              qt[d * Mp + q] = qi[d] * scale;
-              gt[d * Mp + q] = gi[d];
-              ot[d * Mp + q] = oi[d];
-            }
-            std::copy_n(qi, hd, qrow.data() + q * hd);
-            std::copy_n(gi, hd, grow.data() + q * hd);
+            std::copy_n(q_at(t, r), hd, qrow.data() + (t * rep + r) * hd);
+            std::copy_n(out_at(gp)(t, r), hd, grow.data() + (t * rep + r) * hd);
           }
         // D = g . o, in the lanes and order of dp's sums: where a row sees one key, o is that
         // key's v, and its ds is exactly 0, as it should be.
