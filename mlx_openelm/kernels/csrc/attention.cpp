@@ -354,13 +354,14 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
         auto out_at = [&](const float* x) {
           return [=](int64_t t, int64_t r) { return x + ((b * L + i0 + t) * nq + g * rep + r) * hd; };
         };
+        const auto g_at = out_at(gp);
         transpose_tile(qt.data(), Mp, rows, rep, hd, scale, q_at);
-        transpose_tile(gt.data(), Mp, rows, rep, hd, 1.0f, out_at(gp));
+        transpose_tile(gt.data(), Mp, rows, rep, hd, 1.0f, g_at);
         transpose_tile(ot.data(), Mp, rows, rep, hd, 1.0f, out_at(op));
         for (int64_t t = 0; t < rows; t++)
           for (int64_t r = 0; r < rep; r++) {
             std::copy_n(q_at(t, r), hd, qrow.data() + (t * rep + r) * hd);
-            std::copy_n(out_at(gp)(t, r), hd, grow.data() + (t * rep + r) * hd);
+            std::copy_n(g_at(t, r), hd, grow.data() + (t * rep + r) * hd);
           }
         // D = g . o, in the lanes and order of dp's sums: where a row sees one key, o is that
         // key's v, and its ds is exactly 0, as it should be.
