@@ -60,14 +60,17 @@ def gguf_type(dtype: str, q_bits: int | None) -> str:
 
 
 def export(folder: str | Path, out: str | Path, gguf_type: str) -> Path:
-    """The folder's weights as a GGUF file for llama-bench (placeholder vocabulary, no BOS)."""
+    """The folder's weights as a GGUF file for llama-bench (placeholder vocabulary, no BOS); a
+    quantised folder's are dequantised first, then written as `gguf_type` (q4_0 beside 4-bit)."""
     import mlx.core as mx  # noqa: I001
 
     import mlx_openelm
     from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model
     from mlx_openelm.gguf_export import write_gguf
 
     model, _, args = mlx_openelm.load(folder)
+    model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     path = write_gguf(weights, args, out, gguf_type=gguf_type, add_bos=False, name="bench")
     del model, weights

@@ -42,6 +42,12 @@ def weight_bytes(args: Any, dtype: str, q_bits: int | None) -> int:
     return n * size
 
 
+def folder_bits(folder: Path) -> int | None:
+    """The bits of a quantised model folder's weights (None when they are float)."""
+    quantization = json.loads((folder / "config.json").read_text()).get("quantization")
+    return quantization["bits"] if quantization else None
+
+
 def kv_bytes(args: Any, positions: float, dtype: str) -> float:
     """KV-cache bytes read per decode step with `positions` cached."""
     size = 4 if dtype == "float32" else 2
@@ -271,7 +277,7 @@ def bench(
             f"context of {args.max_context_length}: lower --prompt-tokens or --gen-tokens"
         )
     if folder is not None and reference == "torch":
-        if "quantization" in json.loads((folder / "config.json").read_text()):
+        if folder_bits(folder):
             raise UserError(
                 f"{folder} holds quantised weights, which the PyTorch reference can't run: "
                 "pass --reference none (or bench the unquantised folder)"
@@ -282,9 +288,10 @@ def bench(
         if folder is None:
             console.print(f"random weights, {name} shape ({args.num_parameters():,} parameters)")
             folder = random_folder(args, Path(tmp) / "model", seed)
+        bits = q_bits or folder_bits(folder)  # what the MLX rows run: --q-bits or the folder's
         common = dict(folder=str(folder), dtype=dtype, q_bits=q_bits, gen_tokens=gen_tokens,
                       prompt_tokens=prompt_tokens, vocab_size=args.vocab_size,
-                      dtype_name=f"{q_bits}-bit/{dtype}" if q_bits else dtype)  # fmt: skip
+                      dtype_name=f"{bits}-bit/{dtype}" if bits else dtype)  # fmt: skip
         specs = [{**common, "implementation": "mlx-openelm"}]
         if kernels_ab:
             specs.append({**common, "implementation": "mlx-openelm-kernels-off",
@@ -302,7 +309,7 @@ def bench(
             specs += [{**common, "implementation": f"mlx-openelm-{blas}", "env": {BLAS_ENV: blas}}
                       for blas in _other_blas(machine["mlx_blas"])]  # fmt: skip
         if tools is not None:
-            kind = llama.gguf_type(dtype, q_bits)
+            kind = llama.gguf_type(dtype, bits)
             console.print(f"llama.cpp: exporting the weights as a {kind} GGUF ...")
             path = llama.export(folder, Path(tmp) / f"model-{kind}.gguf", kind)
             specs.append({**common, "implementation": llama.NAME, "gguf": str(path),
@@ -327,7 +334,7 @@ def bench(
             llama_cpp=tools,
         ),
         "machine": machine,
-        "roofline": _roofline(args, bandwidth, dtype, q_bits, gen_tokens, results),
+        "roofline": _roofline(args, bandwidth, dtype, bits, gen_tokens, results),
         "ratios": _ratios(results),
         "results": results,
     }

@@ -53,6 +53,24 @@ def check_representable(args: ModelArgs) -> None:
 # ---- tensors -------------------------------------------------------------------------------------
 
 
+def check_shapes(weights: dict[str, mx.array], args: ModelArgs) -> None:
+    """Refuse weights that llama.cpp would not load against this config: misshapen or not float
+    (an MLX quantised layer's packed uint32 weight is (N, K * bits / 32))."""
+    from .convert.validate import expected_shapes
+
+    expected = expected_shapes(args)
+    for key, w in weights.items():
+        dtype = str(w.dtype).split(".")[-1]
+        if key in expected and (
+            tuple(w.shape) != expected[key] or not mx.issubdtype(w.dtype, mx.floating)
+        ):
+            raise UserError(
+                f"{key} is {dtype} {tuple(w.shape)} but the config needs float {expected[key]}: "
+                "quantised weights must be dequantised first "
+                "(mlx_lm.utils.dequantize_model)"
+            )
+
+
 def tensor_plan(args: ModelArgs) -> list[tuple[str, str, slice | None]]:
     """(GGUF name, our parameter name, rows of it) for every tensor, in the file's order."""
     gguf = require_gguf()
@@ -219,6 +237,7 @@ def write_gguf(
     missing = sorted({key for _, key, _ in plan} - set(weights))
     if missing:
         raise UserError(f"the weights lack {missing[0]} ({len(missing)} tensors missing)")
+    check_shapes(weights, args)
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.OPENELM])
     _add_metadata(writer, args, gguf_type, name or out.stem)

@@ -383,6 +383,40 @@ def test_llama_cpp_beside_8_bit_rows_is_q8_0_without_a_check(fake_llama, tmp_pat
     assert not [c for c in _calls(fake_llama) if c[0] == "llama-completion"]
 
 
+def test_llama_cpp_beside_a_4_bit_folder_is_q4_0(quantised, fake_llama) -> None:
+    pytest.importorskip("gguf")
+    report = runner.bench(model=str(quantised), prompt_tokens=[8], gen_tokens=4, trials=1,
+                          reference="none", mlx_lm=False, llama_cpp=fake_llama,
+                          bandwidth_bytes=2**20)  # fmt: skip
+    rows = {r["implementation"]: r for r in report["results"]}
+    assert rows["llama.cpp"]["dtype"] == "q4_0" and rows["mlx-openelm"]["dtype"] == "4-bit/float32"
+    (call,) = {c[c.index("-m") + 1] for c in _calls(fake_llama) if c[0] == "llama-bench"}
+    assert call.endswith("model-q4_0.gguf")
+
+
+def test_a_quantised_folder_exports_its_dequantised_weights(quantised, tmp_path) -> None:
+    gguf = pytest.importorskip("gguf")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_openelm.bench.llama_cpp import export
+
+    from mlx_openelm.gguf_export import read_tensors
+    from mlx_openelm.loading import load
+
+    model, _, args = load(quantised)
+    out = export(quantised, tmp_path / "m.gguf", "q4_0")
+    Q = gguf.GGMLQuantizationType
+    tensors = read_tensors(out)
+    emb_type, emb = tensors["token_embd.weight"]
+    assert (emb_type, emb.shape) == (Q.Q8_0, (args.vocab_size, args.model_dim))
+    qkv_type, qkv = tensors["blk.1.attn_qkv.weight"]
+    layer = model.layers[1].attn.qkv_proj
+    want = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 32, 4))
+    assert qkv_type == Q.Q4_0 and qkv.shape == want.shape
+    step = np.abs(want).max(axis=1, keepdims=True) / 7  # q4_0's rounding of the same values
+    assert (np.abs(qkv - want) <= step).all()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

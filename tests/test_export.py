@@ -20,6 +20,7 @@ import mlx_openelm
 from mlx_openelm import gguf_export
 from mlx_openelm.adapters import adapter_config, apply_lora
 from mlx_openelm.cli import app
+from mlx_openelm.errors import UserError
 from mlx_openelm.loading import save_model
 from mlx_openelm.tokenizer import CHAT_TEMPLATE
 from mlx_openelm.train.export import export
@@ -253,6 +254,17 @@ def test_bad_options_are_one_line_errors(folder, tmp_path, args, message):
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert (tmp_path / "exists.gguf").read_bytes() == b"mine"
+
+
+def test_write_gguf_refuses_packed_quantised_weights(tmp_path):
+    model = tiny_model(seed=5)
+    nn.quantize(model, group_size=32, bits=4)
+    weights = dict(tree_flatten(model.parameters()))
+    out = tmp_path / "m.gguf"
+    with pytest.raises(UserError, match=r"token_embeddings.weight is uint32 "
+                       r"\(512, 8\) but the config needs float \(512, 64\)"):  # fmt: skip
+        gguf_export.write_gguf(weights, model.args, out)
+    assert not out.exists()
 
 
 def test_a_folder_without_tokenizer_is_refused(tmp_path):
