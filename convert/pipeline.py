@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlx_openelm import hub
 from mlx_openelm.chat_template import template_for_convert
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import UserError
 from mlx_openelm.files import atomic_folder, check_writable
-from mlx_openelm.loading import save_model
-from mlx_openelm.model import Model
+from mlx_openelm.loading import save_config
 from mlx_openelm.tokenizer import Tokenizer, write_tokenizer_files
 from mlx_openelm.tokenizer_sources import explicit_tokenizer, resolve_tokenizer
 
@@ -23,6 +26,7 @@ from .corenet import read_corenet
 from .readers import read_hf_config, read_hf_weights
 from .tensors import TensorRef
 from .validate import validate
+from .writer import Quantization, write_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -36,6 +40,16 @@ def _log(msg: str) -> None:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr while tensors are converted (minutes for the 3B); gone when done."""
+    console = Console(stderr=True)
+    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as p:
+        task = p.add_task("convert", total=total)
+        yield lambda n: p.advance(task, n)
 
 
 def default_dtype() -> str:
@@ -154,34 +168,19 @@ def convert(
     _log(f"chat template: {template_origin if tok is not None else 'none (no tokenizer)'}")
     src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
     nbytes = sum(t.nbytes for t in tensors.values())
-    _log(f"read {len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
+    _log(f"{len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
     if target == mx.float16 and args.model_dim >= 3072:
         _log("note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)")
 
-    weights = {}
-    for name, ref in tensors.items():  # one tensor at a time: peak memory ~ the output
-        w = ref.load().astype(target)
-        mx.eval(w)
-        weights[name] = w
-    n_params = sum(w.size for w in weights.values())
-    model = Model(args)
-    model.load_weights(list(weights.items()))
-    del weights
+    n_params = sum(math.prod(t.shape) for t in tensors.values())
     _log(
         f"OpenELM {args.num_transformer_layers} layers, model_dim {args.model_dim}: "
         f"{n_params / 1e6:,.2f} M parameters, {dtype}"
     )
-
-    quantization = None
-    if quantize:
-        from mlx_lm.utils import quantize_model
-
-        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits-per-weight line
-            model, qconfig = quantize_model(model, {}, q_group_size, q_bits)
-        quantization = qconfig["quantization"]
-
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        save_model(tmp, model, args, quantization=quantization)
+    q = Quantization(q_bits, q_group_size) if quantize else None
+    with atomic_folder(out, overwrite=overwrite) as tmp, _progress(nbytes) as advance:
+        write_weights(tmp, tensors, target, q, on_tensor=advance)
+        save_config(tmp, args, quantization=q.config() if q else None)
         if tok is not None:
             write_tokenizer_files(tmp, tok, args.max_context_length, chat_template=template)
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -16,7 +16,7 @@ import numpy as np
 
 from mlx_openelm.errors import UserError, is_int, parse_json, read_json
 
-from .tensors import NUMPY_DTYPES, TensorRef, memmap, view
+from .tensors import NUMPY_DTYPES, TensorRef, file_bytes, view
 from .torch_zip import read_torch_zip
 
 SAFETENSORS_DTYPES = {
@@ -47,8 +47,10 @@ def _entry(path: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int,
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
         raise bad
-    if len(shape) > 8 or not all(is_int(d) and 0 <= d < 1 << 31 for d in (*shape, *offsets)):
+    if len(shape) > 8 or not all(is_int(d) and 0 <= d < 1 << 31 for d in shape):
         raise bad  # a float, bool, negative or absurd size: never written by a real saver
+    if not all(is_int(d) and d >= 0 for d in offsets):
+        raise bad  # large is fine (the 3B's file is 12 GB): the file's size is checked after
     return SAFETENSORS_DTYPES[info["dtype"]], tuple(shape), offsets[0], offsets[1]
 
 
@@ -73,7 +75,7 @@ def read_safetensors(path: str | Path) -> dict[str, TensorRef]:
     if not isinstance(header, dict):
         raise UserError(f"{path}: bad safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    base, mm = 8 + n, memmap(path)
+    base, read_bytes = 8 + n, file_bytes(path)
     tensors, ranges = {}, []
     for name, info in header.items():
         dtype, shape, start, end = _entry(path, name, info)
@@ -88,7 +90,7 @@ def read_safetensors(path: str | Path) -> dict[str, TensorRef]:
         ranges.append((start, end, name))
 
         def read(a=base + start, b=base + end, dtype=dtype, shape=shape) -> np.ndarray:
-            return view(mm()[a:b], dtype, shape)
+            return view(read_bytes(a, b), dtype, shape)
 
         tensors[name] = TensorRef(shape, dtype, path, read)
     ranges.sort()

@@ -1,7 +1,7 @@
 """A checkpoint tensor described (name, shape, dtype, file) before any of its data is read.
 
-Readers return these so the converter can check every name and shape first, then read one tensor
-at a time from a memory map (peak memory: the converted model plus one source tensor).
+Readers return these so the converter can check every name and shape first, then read, convert and
+write one tensor at a time (peak memory: a few tensors, not the model).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from mlx_openelm.errors import UserError
 
 # numpy has no bfloat16: its raw bits travel as uint16 and become bf16 in MLX.
 NUMPY_DTYPES: dict[str, type] = {
@@ -57,16 +59,27 @@ class TensorRef:
         return replace(self, shape=(n, *self.shape[1:]), read=lambda: read()[:n])
 
 
-def memmap(path: Path) -> Callable[[], np.ndarray]:
-    """One read-only memory map of a whole file, opened on first use and shared by its tensors."""
-    cache: list[np.ndarray] = []
+def file_bytes(path: Path) -> Callable[[int, int], np.ndarray]:
+    """A function that reads bytes [start, end) of `path` into a fresh array.
 
-    def get() -> np.ndarray:
-        if not cache:
-            cache.append(np.memmap(path, dtype=np.uint8, mode="r"))
-        return cache[0]
+    Plain reads, not a memory map: the pages of a mapped file count in the process's RSS until
+    the kernel needs them back, so converting a 12 GB checkpoint through a map held ~12 GB more
+    than the tensor at hand. Read this way, peak memory is the tensors being converted.
+    """
 
-    return get
+    def read(start: int, end: int) -> np.ndarray:
+        buf = np.empty(end - start, dtype=np.uint8)
+        view, done = memoryview(buf), 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            while done < len(buf):  # Linux returns at most ~2 GiB per read
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"{path} is truncated (ends before byte {end}): re-download it")
+                done += n
+        return buf
+
+    return read
 
 
 def view(buf: np.ndarray, dtype: str, shape: tuple[int, ...], big_endian: bool = False):

@@ -4,7 +4,7 @@ The zip holds `<root>/data.pkl` (a pickle of the state dict) and one raw file `<
 per storage. The pickle is read with an unpickler that can build only tensors: every global it
 asks for must be one of the few tensor-rebuild functions or storage types below, so a checkpoint
 cannot run code (`os.system`, `builtins.eval`, ...). Tensor data is not read here: each tensor
-becomes a `TensorRef` whose `read()` views its storage file through a memory map.
+becomes a `TensorRef` whose `read()` reads its storage file's bytes when the converter asks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from mlx_openelm.errors import UserError, is_int
 
-from .tensors import NUMPY_DTYPES, TensorRef, memmap, view
+from .tensors import NUMPY_DTYPES, TensorRef, file_bytes, view
 from .zip_entries import entry_ranges, entry_reader
 
 # torch.<Name>Storage -> dtype name
@@ -226,7 +226,7 @@ MAX_DEPTH = 32  # a state dict nests 1-4 levels; deeper (or a self-referencing p
 
 def _resolve(obj: Any, path: Path, root: str, infos: dict, spans: dict, big_endian: bool) -> Any:
     """Replace every `_Tensor` in the unpickled object with a checked `TensorRef`."""
-    mm = memmap(path)
+    read_bytes = file_bytes(path)
     storages: dict[str, Any] = {}
 
     def storage_reader(s: _Storage) -> Any:
@@ -235,7 +235,7 @@ def _resolve(obj: Any, path: Path, root: str, infos: dict, spans: dict, big_endi
             if name not in infos:
                 raise UserError(f"{path}: storage data/{s.key} is missing: truncated or corrupt")
             nbytes = s.numel * np.dtype(NUMPY_DTYPES[s.dtype]).itemsize
-            storages[s.key] = (s, entry_reader(path, infos[name], spans[name], mm, nbytes))
+            storages[s.key] = (s, entry_reader(path, infos[name], spans[name], read_bytes, nbytes))
         first, read = storages[s.key]
         if (first.dtype, first.numel) != (s.dtype, s.numel):
             raise UserError(f"{path}: storage data/{s.key} is given two different sizes")

@@ -21,6 +21,7 @@ from mlx_openelm.errors import UserError
 
 Reader = Callable[..., np.ndarray]
 CHUNK = 1 << 20
+CRC_CHUNK = 64 << 20
 
 
 def entry_ranges(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
@@ -56,7 +57,7 @@ def entry_ranges(path: Path, zf: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
 
 
 def entry_reader(
-    path: Path, info: zipfile.ZipInfo, span: tuple[int, int], mm: Reader, nbytes: int
+    path: Path, info: zipfile.ZipInfo, span: tuple[int, int], read_bytes: Reader, nbytes: int
 ) -> Reader:
     """A function that returns the entry's `nbytes` as uint8. The CRC is checked here, before any
     tensor is converted, so a corrupt entry is refused before anything is logged or written."""
@@ -75,9 +76,12 @@ def entry_reader(
             raise corrupt(f"{info.compress_size} bytes stored for {nbytes}")
 
         def read_stored() -> np.ndarray:
-            return mm()[span[0] : span[0] + nbytes]
+            return read_bytes(span[0], span[0] + nbytes)
 
-        if zlib.crc32(read_stored()) != info.CRC:
+        crc = 0
+        for a in range(span[0], span[0] + nbytes, CRC_CHUNK):  # bounded memory at any size
+            crc = zlib.crc32(read_bytes(a, min(a + CRC_CHUNK, span[0] + nbytes)), crc)
+        if crc != info.CRC:
             raise corrupt("bad CRC-32")
         return read_stored
 

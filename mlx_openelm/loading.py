@@ -34,6 +34,16 @@ def save_model(
     """Write weights (sharded past 5 GB, with an index) and `config.json` into `folder`."""
     folder = Path(folder)
     _mlx_lm_save_model(folder, model)
+    save_config(folder, args, quantization=quantization, extra_config=extra_config)
+
+
+def save_config(
+    folder: Path,
+    args: ModelArgs,
+    *,
+    quantization: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
     config = {**args.to_dict(), **(extra_config or {})}
     if quantization:
         # mlx-lm reads `quantization`; transformers-style tools look for `quantization_config`.

@@ -362,7 +362,7 @@ def test_mlx_lm_loads_with_same_logits(fp32_folder):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized(tmp_path, fp32_folder, state, args, bits):
-    from mlx_lm.utils import load_model
+    from mlx_lm.utils import load_model, quantize_model
 
     src = write_hf(tmp_path / "hf", state, args)
     out = tmp_path / "mlx"
@@ -383,6 +383,11 @@ def test_quantized(tmp_path, fp32_folder, state, args, bits):
         assert (got.argmax(-1) == ref.argmax(-1)).all()
     # mlx-lm reads the same quantised folder to the same logits.
     np.testing.assert_allclose(logits(load_model(out)[0]), got, atol=1e-4, rtol=1e-4)
+    # Written tensor by tensor, the folder holds what quantising the whole model gives.
+    whole, _ = quantize_model(mlx_openelm.load(fp32_folder)[0], {}, 64, bits)
+    want, have = dict(tree_flatten(whole.parameters())), dict(tree_flatten(model.parameters()))
+    assert set(want) == set(have)
+    assert all(mx.array_equal(want[k], have[k]).item() for k in want)
 
 
 # ---- torch is not needed
