@@ -279,6 +279,21 @@ def test_hf_sharded_bf16(tmp_path, state, args):
     assert_exact(loaded_weights(tmp_path / "mlx"), {k: v.bfloat16() for k, v in state.items()})
 
 
+def test_a_model_past_the_shard_size_is_written_in_shards(tmp_path, state, args, monkeypatch):
+    from mlx_lm.utils import load_model
+    from mlx_openelm.convert import writer
+
+    monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 400_000)  # 5 GiB for real models, as mlx-lm
+    convert_ok(write_hf(tmp_path / "hf", state, args), tmp_path / "mlx", "--dtype", "float32")
+    index = json.loads((tmp_path / "mlx" / "model.safetensors.index.json").read_text())
+    shards = sorted((tmp_path / "mlx").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert all(f.stat().st_size < 400_000 + 200_000 for f in shards)  # no tensor is > 200 kB
+    assert_exact(loaded_weights(tmp_path / "mlx"), state)
+    theirs = dict(tree_flatten(load_model(tmp_path / "mlx")[0].parameters()))
+    assert_exact(theirs, state)
+
+
 def test_pytorch_model_bin(tmp_path, state, args):
     src, saved = write_bin(tmp_path / "hf", state, args)
     convert_ok(src, tmp_path / "mlx", "--dtype", "float32")
