@@ -132,6 +132,48 @@ def _split_stop(text: str, stop: Sequence[str]) -> tuple[str, str, bool]:
     return text, "", False
 
 
+class TextStream:
+    """Generated ids -> text pieces, ending at EOS or a stop string: what `stream_generate` does
+    with each token (the server runs one per sequence).
+
+    Args:
+        tokenizer: the tokenizer.
+        stop: strings that end generation; the stop string itself is not returned.
+        trim_space: drop the leading space of the first word (a reply, not a continuation).
+        eos: the ids that end generation (default the tokenizer's EOS; empty to ignore EOS).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: Iterable[str] = (),
+        trim_space: bool = False,
+        eos: Iterable[int] | None = None,
+    ):
+        self.eos = set(tokenizer.eos_token_ids if eos is None else eos)
+        self.stop = [s for s in stop if s]
+        self.detokenizer = tokenizer.detokenizer(trim_space=trim_space)
+        self.pending = ""  # text held back: it may be the start of a stop string
+
+    def add(self, token: int, last: bool = False) -> tuple[str, str | None]:
+        """The new printable text and the finish reason: "stop" (EOS or a stop string), "length"
+        when `last` (the token limit), else None."""
+        if token in self.eos:
+            self.detokenizer.finalize()
+            return self.pending + self.detokenizer.last_segment, "stop"
+        self.detokenizer.add_token(token)
+        if last:
+            self.detokenizer.finalize()
+        text, self.pending, hit = _split_stop(
+            self.pending + self.detokenizer.last_segment, self.stop
+        )
+        if hit:
+            return text, "stop"
+        if last:
+            return text + self.pending, "length"
+        return text, None
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -174,9 +216,7 @@ def stream_generate(
         v = tokenizer.vocab_size
         cut = lambda tokens, logits: logits[:, :v]
         kwargs["logits_processors"] = [*(kwargs.get("logits_processors") or []), cut]
-    stop = [s for s in stop if s]
-    detokenizer = tokenizer.detokenizer(trim_space=trim_space)
-    pending = ""
+    text_stream = TextStream(tokenizer, stop, trim_space)
 
     def response(text: str, token: int, logprobs: mx.array, n: int, reason: str | None = None):
         gen_time = time.perf_counter() - first_token_at
@@ -201,21 +241,10 @@ def stream_generate(
             if n == 1:
                 first_token_at = time.perf_counter()
                 prompt_time = max(first_token_at - tic, 1e-9)
-            if token in tokenizer.eos_token_ids:
-                detokenizer.finalize()
-                yield response(pending + detokenizer.last_segment, token, logprobs, n, "stop")
+            text, reason = text_stream.add(token, last=n == max_tokens)
+            yield response(text, token, logprobs, n, reason)
+            if reason is not None:
                 return
-            detokenizer.add_token(token)
-            if n == max_tokens:
-                detokenizer.finalize()
-            text, pending, hit = _split_stop(pending + detokenizer.last_segment, stop)
-            if hit:
-                yield response(text, token, logprobs, n, "stop")
-                return
-            if n == max_tokens:
-                yield response(text + pending, token, logprobs, n, "length")
-                return
-            yield response(text, token, logprobs, n)
 
 
 def generate(

@@ -48,3 +48,9 @@ class KVCache:
         self.kv[:, 0, :, start : self.offset, :] = keys
         self.kv[:, 1, :, start : self.offset, :] = values
         return self.kv[:, 0, :, : self.offset, :], self.kv[:, 1, :, : self.offset, :]
+
+
+class RowCaches(list):
+    """One layer's caches (`KVCache`) for a batch of sequences of their own lengths, one per row:
+    the model runs the products on all rows at once and attention row by row (the server's
+    batched decode step)."""

@@ -16,7 +16,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from . import kernels
 from .config import ModelArgs
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RowCaches
 
 
 class NaiveRMSNorm(nn.Module):
@@ -61,13 +61,23 @@ class Attention(nn.Module):
         """x + attention(norm(x)): the pre-norm sublayer with its skip connection."""
         B, L, D = x.shape
         qkv = kernels.linear(self.qkv_proj, x, norm=norm).reshape(B, L, -1, self.head_dim)
+        if isinstance(cache, RowCaches):  # a batch of sequences, each over its own cache
+            out = mx.concatenate(
+                [self._attend(qkv[b : b + 1], None, c) for b, c in enumerate(cache)]
+            )
+        else:
+            out = self._attend(qkv, mask, cache)
+        return kernels.linear(self.out_proj, out, residual=x)
+
+    def _attend(self, qkv: mx.array, mask: Any, cache: Any) -> mx.array:
+        """qkv (B, L, heads, head_dim) -> attention's output (B, L, n_heads * head_dim)."""
         if cache is not None:  # on a CPU, two kernels: one writes k and v, one attends
             out = kernels.cached_attention(
                 qkv, cache, self.n_heads, self.n_kv_heads, self.get("q_norm"),
                 self.get("k_norm"), self.rope, self.scale,
             )  # fmt: skip
             if out is not None:
-                return kernels.linear(self.out_proj, out, residual=x)
+                return out
         offset = cache.offset if cache is not None else 0
         # q/k-norm before RoPE, as the reference does; q, k, v: (B, heads, L, head_dim)
         q, k, v = kernels.attention_inputs(
@@ -82,8 +92,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA: each kv head serves n_heads / n_kv_heads query heads.
-        out = kernels.attention(q, k, v, scale=self.scale, mask=mask, cache=cache)  # (B, L, D')
-        return kernels.linear(self.out_proj, out, residual=x)
+        return kernels.attention(q, k, v, scale=self.scale, mask=mask, cache=cache)
 
 
 class MLP(nn.Module):

@@ -142,4 +142,4 @@ AdapterPath = Annotated[
 ]
 
 # The commands of each group register themselves on `app`.
-from . import generation, tools, training  # noqa: E402, F401
+from . import generation, serving, tools, training  # noqa: E402, F401

@@ -29,11 +29,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 
 from ..kv_cache import KVCache
 
 # Decoding multiplies one row (a few with batching); above this many rows MKL's sgemm is faster.
 MAX_ROWS = 4
+_max_rows = MAX_ROWS  # raised inside `batch_rows`
 
 _ext: Any = None
 _why_off: str | None = None
@@ -98,6 +100,19 @@ def disabled() -> Iterator[None]:
         _disabled -= 1
 
 
+@contextmanager
+def batch_rows(rows: int) -> Iterator[None]:
+    """Products of up to `rows` rows go through the few-row kernels inside the block: a batched
+    decode step (the server's) takes each row exactly as a one-row step would, so a sequence's
+    tokens do not depend on its batch (sgemm sums in another order)."""
+    global _max_rows
+    previous, _max_rows = _max_rows, max(rows, MAX_ROWS)
+    try:
+        yield
+    finally:
+        _max_rows = previous
+
+
 def _on_cpu(*arrays: mx.array) -> bool:
     return (
         not _disabled
@@ -113,9 +128,39 @@ def _quantized_args(layer: nn.Module) -> tuple:
 
 def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
     args = _quantized_args(layer)
-    if x.size // x.shape[-1] <= MAX_ROWS:
+    if x.size // x.shape[-1] <= _max_rows:
         return _ext.quantized_linear(x, *args)
-    return x @ _ext.dequantize(*args).T  # prefill: dequantize once, then one sgemm
+    return _dequantized_product(*args[3:])(x, *args[:3])
+
+
+@functools.cache
+def _dequantized_product(group_size: int, bits: int) -> Any:
+    """x @ dequantize(w).T for many rows (prefill, training): the dequantize kernel, then one
+    sgemm, both ways. Its vjp dequantizes again rather than keep the forward's float32 weights
+    until the backward pass (a quantized model's training would then peak at a float one's), and
+    gives dx by sgemm, where MLX's own vjp (quantized_matmul's) is its scalar loop: QLoRA on a CPU
+    ran 30x slower than LoRA."""
+
+    def weight(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return _ext.dequantize(w, scales, biases, group_size, bits)
+
+    @mx.custom_function
+    def product(x, w, scales, biases):
+        return x @ weight(w, scales, biases).T
+
+    @product.vjp
+    def product_vjp(primals, dy, _):
+        x, w, scales, biases = primals
+        K = x.shape[-1]
+        dx = dy @ weight(w, scales, biases)
+        # The scales' and biases' gradients, lazy: a LoRA step never evaluates them.
+        dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, K)
+        _, (ds, db) = mx.vjp(
+            lambda s, b: [mx.dequantize(w, s, b, group_size, bits)], [scales, biases], [dw]
+        )
+        return dx, mx.zeros_like(w), ds, db
+
+    return product
 
 
 def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
@@ -129,8 +174,11 @@ def _quantized_ok(layer: nn.Module, x: mx.array) -> bool:
 
 
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
+    if type(layer) is LoRALinear:  # mlx-lm's __call__, the base product through the kernels
+        z = (layer.dropout(x) @ layer.lora_a) @ layer.lora_b
+        return _product(layer.linear, x) + (layer.scale * z).astype(x.dtype)
     if "bias" not in layer:
-        if type(layer) is nn.Linear and x.size // x.shape[-1] <= MAX_ROWS:
+        if type(layer) is nn.Linear and x.size // x.shape[-1] <= _max_rows:
             if _on_cpu(x, layer.weight):
                 return _ext.linear(x, layer.weight)
         elif type(layer) is nn.QuantizedLinear and _quantized_ok(layer, x):
@@ -152,7 +200,7 @@ def linear(
     product runs all of it in one kernel: in a decode step, MLX's scheduling of each small op costs
     more than its arithmetic."""
     fusable = (
-        x.size // x.shape[-1] <= MAX_ROWS
+        x.size // x.shape[-1] <= _max_rows
         and "bias" not in layer
         and (norm is None or (type(norm) is nn.RMSNorm and norm.weight.dtype == mx.float32))
         and (residual is None or residual.dtype == mx.float32)
@@ -175,7 +223,10 @@ def linear(
 
 def embedding_as_linear(embedding: nn.Module, x: mx.array) -> mx.array:
     """The tied output head, `embedding.as_linear(x)`, through the kernels."""
-    if type(embedding) is nn.Embedding and x.size // x.shape[-1] <= MAX_ROWS:
+    if type(embedding) is LoRAEmbedding:  # mlx-lm's as_linear, the base product as below
+        z = (embedding.dropout(x) @ embedding.lora_b.T) @ embedding.lora_a.T
+        return embedding_as_linear(embedding.embedding, x) + (embedding.scale * z).astype(x.dtype)
+    if type(embedding) is nn.Embedding and x.size // x.shape[-1] <= _max_rows:
         if _on_cpu(x, embedding.weight):
             return _ext.linear(x, embedding.weight)
     elif type(embedding) is nn.QuantizedEmbedding and _quantized_ok(embedding, x):
