@@ -93,8 +93,9 @@ def params(served: Served, req: Sampling, prompts: list[list[int]], chat: bool) 
         raise APIError(400, f"This model's maximum context length is {served.context} tokens; "
                        f"the prompt has {longest}", param="messages" if chat else "prompt",
                        code="context_length_exceeded")  # fmt: skip
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    max_tokens, name = req.max_tokens, "max_tokens"
+    if getattr(req, "max_completion_tokens", None) is not None:
+        max_tokens, name = req.max_completion_tokens, "max_completion_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{name} must be at least 1", param=name, code="invalid_value")
     if max_tokens is not None and max_tokens > room:
@@ -112,7 +113,7 @@ def params(served: Served, req: Sampling, prompts: list[list[int]], chat: bool) 
         bias[int(key)] = value
     grammar = served.grammars.compile(req.response_format) if req.response_format else None
     return Params(
-        max_tokens=max_tokens or room,
+        max_tokens=room if max_tokens is None else max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         top_k=max(req.top_k, 0),

@@ -1,0 +1,136 @@
+"""Bad requests get OpenAI error bodies and a 4xx, never a traceback; the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from conftest import make_model_folder
+from serving import running
+
+LONG = "It was a truth universally acknowledged. " * 120  # past the tiny model's 512 tokens
+
+
+@pytest.fixture(scope="module")
+def url(tiny_folder):
+    with running(str(tiny_folder), max_batch=4) as (url, _):
+        yield url
+
+
+def ok(**kw):
+    return {"model": "m", "prompt": "Anne", "max_tokens": 2, **kw}
+
+
+def chat(**kw):
+    return {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **kw}
+
+
+def schema(s):
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}
+
+
+BAD = [
+    ("completions", b"{not json", 400, None),
+    ("completions", b"[1, 2]", 400, None),
+    ("completions", b"", 400, None),
+    ("completions", b'{"model": "m", "prompt": "\xff\xfe"}', 400, None),
+    ("completions", b'{"model": "m", "prompt": "\\ud800"}', 400, None),
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("completions", b'{"model": "m", "prompt": "a", "temperature": NaN}', 400, None),
+    ("completions", b'{"model": "m", "model": "m", "prompt": "a"}', 400, None),
+    ("completions", {"model": "m"}, 400, None),
+    ("completions", {"prompt": "Anne"}, 400, None),
+    ("completions", ok(prompt=5), 400, None),
+    ("completions", ok(prompt=[]), 400, None),
+    ("completions", ok(prompt=""), 400, None),
+    ("completions", ok(prompt=[1, 99999]), 400, None),
+    ("completions", ok(prompt=[1, -3]), 400, None),
+    ("completions", ok(prompt=LONG), 400, "context_length_exceeded"),
+    ("completions", ok(max_tokens=0), 400, None),
+    ("completions", ok(max_tokens=-5), 400, None),
+    ("completions", ok(max_tokens=True), 400, None),
+    ("completions", ok(max_tokens="ten"), 400, None),
+    ("completions", ok(max_tokens=100_000), 400, "context_length_exceeded"),
+    ("completions", ok(model="gpt-4"), 404, "model_not_found"),
+    ("completions", ok(temperature=2.5), 400, None),
+    ("completions", ok(temperature=-1), 400, None),
+    ("completions", ok(temperature="hot"), 400, None),
+    ("completions", ok(top_p=1.5), 400, None),
+    ("completions", ok(top_k=-7), 400, None),
+    ("completions", ok(min_p=2), 400, None),
+    ("completions", ok(repetition_penalty=0), 400, None),
+    ("completions", ok(n=0), 400, None),
+    ("completions", ok(n=5), 400, None),  # past --max-batch 4
+    ("completions", ok(seed=-1), 400, None),
+    ("completions", ok(logprobs=9), 400, None),
+    ("completions", ok(stop=["x"] * 5000), 400, None),
+    ("completions", ok(stop=["x" * 10_000]), 400, None),
+    ("completions", ok(logit_bias={"999999": 5}), 400, None),
+    ("completions", ok(logit_bias={"abc": 5}), 400, None),
+    ("completions", ok(stream="yes"), 400, None),
+    ("completions", ok(response_format={"type": "xml"}), 400, None),
+    ("completions", ok(response_format=schema({"type": "nonsense"})), 400, None),
+    ("completions", ok(response_format=schema({"$ref": "#/nowhere"})), 400, None),
+    ("completions", ok(response_format=schema([1, 2])), 400, None),
+    ("completions", ok(suffix="x"), 400, None),
+    ("chat/completions", chat(messages=[]), 400, None),
+    ("chat/completions", chat(messages=[{"role": "wizard", "content": "hi"}]), 400, None),
+    ("chat/completions", chat(messages=[{"content": "hi"}]), 400, None),
+    ("chat/completions", chat(messages="hello"), 400, None),
+    ("chat/completions", chat(messages=[{"role": "user", "content": 7}]), 400, None),
+    ("chat/completions", chat(messages=[{"role": "user", "content": LONG}]), 400,
+     "context_length_exceeded"),  # fmt: skip
+    ("chat/completions", chat(max_completion_tokens=0), 400, None),
+    ("chat/completions", chat(top_logprobs=3), 400, None),
+    ("chat/completions", chat(logprobs=True, top_logprobs=50), 400, None),
+    ("chat/completions", chat(presence_penalty=1.0), 400, None),
+    ("chat/completions", chat(stream_options={"include_usage": "x"}), 400, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, code", BAD)
+def test_bad_requests_get_openai_errors(url, path, body, status, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{url}/v1/{path}", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in r.text
+    if code:
+        assert error["code"] == code
+    # and the server still serves
+    assert httpx.post(f"{url}/v1/completions", json=ok(), timeout=30).status_code == 200
+
+
+def test_oversized_body_and_unknown_routes(url):
+    r = httpx.post(f"{url}/v1/completions", content=b"x" * (5 << 20), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, spm_model):
+    from mlx_openelm.tokenizer import write_tokenizer_files
+
+    folder = make_model_folder(tmp_path_factory.mktemp("base") / "base", None, never_eos=True)
+    write_tokenizer_files(folder, spm_model, 512, chat_template=None)
+    with running(str(folder), api_key="sesame") as (url, _):
+        yield url
+
+
+def test_api_key_and_a_base_model(base_url):
+    r = httpx.post(f"{base_url}/v1/completions", json=ok(model="base"))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.get(f"{base_url}/v1/models", headers=wrong).status_code == 401
+    assert httpx.get(f"{base_url}/health").status_code == 200  # health needs no key
+    key = {"Authorization": "Bearer sesame"}
+    r = httpx.post(f"{base_url}/v1/completions", json=ok(model="base"), headers=key)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=chat(model="base"), headers=key)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
