@@ -75,7 +75,9 @@ class Engine:
             raise APIError(503, "the model is still loading", type="server_error",
                            code="model_not_ready")  # fmt: skip
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            # Requests that the batch has room for take no place in the queue.
+            room = max(0, self.max_batch - len(self._active))
+            if len(self._waiting) >= self.max_queue + room:
                 raise APIError(429, "too many requests are waiting: try again shortly",
                                type="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
             self._waiting.append(job)
