@@ -14,10 +14,12 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,6 +33,15 @@ from .sequence import Job, Piece
 
 log = logging.getLogger("mlx_openelm.serve")
 MAX_BODY = 4 << 20  # bytes: a whole context of text is ~10 KB; a long chat history far less
+STATIC = Path(__file__).parent / "static"
+# The chat page runs only its own files; model text is never HTML (app.js), this is a second wall.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> FastAPI:
@@ -51,6 +62,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected error on %s", request.url.path, exc_info=e)
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    @app.get("/")
+    async def page() -> FileResponse:  # no key needed: the page asks for one on a 401 from /v1/*
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
     async def health() -> JSONResponse:
