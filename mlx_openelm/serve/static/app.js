@@ -142,8 +142,9 @@ function messageNode(msg) {
   if (msg.pending && !msg.content) body.append(el("span", "…"));
   node.append(body);
   const facts = [];
-  if (msg.stopped) facts.push("stopped");
   if (msg.stats) facts.push(msg.stats);
+  if (msg.stopped) facts.push("stopped");
+  if (msg.cut) facts.push("cut at max tokens");
   if (facts.length) {
     const s = el("div", facts.join(" · "));
     s.className = "stats";
@@ -268,6 +269,7 @@ async function submit() {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
+        if (chunk.choices?.[0]?.finish_reason === "length") reply.cut = true;
         const delta = chunk.choices?.[0]?.delta?.content;
         if (delta) {
           last = performance.now();
