@@ -293,7 +293,7 @@ def run_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     env = {**os.environ, **spec.get("env", {})}
     if spec["implementation"] == "torch-reference":
         # Importing mlx_openelm preloads a BLAS globally and torch's own BLAS calls then bind to
-        # it, which slowed torch (README, "Linux: the BLAS"), so the reference process never does.
+        # it, which slowed torch (docs/performance.md), so the reference process never does.
         env[BLAS_ENV] = "none"
     # The worker starts in a folder of its own: `python -m` puts its working directory first on
     # sys.path, and from a clone of this repository (non-editable install) the source tree's

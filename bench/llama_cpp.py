@@ -40,7 +40,7 @@ def find_tools(path: str | Path) -> dict[str, str | None]:
     if not (bench.is_file() and os.access(bench, os.X_OK)):
         raise FileNotFoundError(
             f"--llama-cpp {path}: no llama-bench there; give llama.cpp's build/bin folder or the "
-            "llama-bench binary (the README's llama.cpp section says how to build it)"
+            "llama-bench binary (docs/gguf.md says how to build it)"
         )
     completion = bench.parent / "llama-completion"
     usable = completion.is_file() and os.access(completion, os.X_OK)

@@ -54,7 +54,7 @@ def _progress(total: int) -> Iterator[Callable[[int], None]]:
 
 def default_dtype() -> str:
     """bfloat16 where MLX has a GPU (Metal, CUDA); float32 on a CPU, whose half-precision matmuls
-    are far slower than fp32 through the BLAS (README, "Native CPU kernels")."""
+    are far slower than fp32 through the BLAS (docs/kernels.md)."""
     return "bfloat16" if mx.metal.is_available() or mx.cuda.is_available() else "float32"
 
 

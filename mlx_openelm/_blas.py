@@ -1,7 +1,7 @@
 """Point MLX's Linux CPU back end at an optimised BLAS.
 
-The `mlx[cpu]` wheel bundles the reference (netlib) BLAS, far slower than an optimised one (the
-figures: README, "Linux: the BLAS"). Loading a library that exports `cblas_*` with RTLD_GLOBAL
+The `mlx[cpu]` wheel bundles the reference (netlib) BLAS, far slower than an optimised one
+(docs/performance.md, "Linux: the BLAS"). Loading a library that exports `cblas_*` with RTLD_GLOBAL
 before `mlx.core` is imported makes MLX bind to it. This must run before any `import mlx.core`, so
 `mlx_openelm/__init__.py` calls it first.
 
@@ -10,7 +10,7 @@ to a shared library. `auto` tries MKL, then OpenBLAS, then BLIS, except on AMD C
 OpenBLAS first. MKL comes from PyPI with this package on x86-64 Linux, so no system package is
 needed, and on Intel it ran the prefill products twice as fast as OpenBLAS. MKL picks its code
 path by CPU vendor, and AMD gets a generic one: there, Debian's OpenBLAS ran 270M prefill ~1.4x
-faster (README, "Linux: the BLAS"). Decode does not care which one is loaded when the CPU kernels
+faster (docs/performance.md). Decode does not care which one is loaded when the CPU kernels
 (`kernels/`) are on, since they run the one-row products. The OpenMP build of OpenBLAS comes
 first, because it shares GNU OpenMP's thread pool with the kernels.
 """
@@ -64,7 +64,7 @@ def cpu_vendor() -> str:
 
 
 def auto_order(vendor: str) -> tuple[str, ...]:
-    """The libraries `auto` tries, fastest first on this vendor's CPUs (measured: README)."""
+    """The libraries `auto` tries, fastest first on this vendor's CPUs (docs/performance.md)."""
     return AUTO_AMD if vendor == "AuthenticAMD" else AUTO
 
 
@@ -114,7 +114,7 @@ def load_fast_blas() -> str | None:
         return loaded
     # GNU OpenMP (our kernels, and MKL below) spins ~300k rounds between parallel regions by
     # default. A decode step runs ~150 short regions: on a shared 2-core machine those spinning
-    # threads took the cores from the ones with work (README, "Native CPU kernels").
+    # threads took the cores from the ones with work (docs/kernels.md, "Design").
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     choice = os.environ.get("MLX_OPENELM_BLAS", "auto")
     if choice == "none":

@@ -60,7 +60,7 @@ def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
 
     On the CPU, float32 goes through the BLAS and the native kernels (`kernels`), and quantised
     weights through the kernels when float32 is all around them; 16-bit activations take MLX's own
-    scalar code, ~7x slower (measured figures: README, "Native CPU kernels"). Without a BLAS
+    scalar code, ~7x slower (docs/convert.md, "dtype and quantisation"). Without a BLAS
     library to load (`_blas.py`), MLX on Linux uses its bundled reference BLAS, ~30x slower.
     """
     from mlx.utils import tree_flatten

@@ -1,6 +1,6 @@
 """`mlx-openelm export`: GGUF files for llama.cpp read back with gguf's own reader (every tensor,
 the metadata its `openelm` loader needs), adapters fused in, refusals, and the Hugging Face folder.
-No llama.cpp build is needed (the README's llama.cpp section has the by-hand checks)."""
+No llama.cpp build is needed (docs/gguf.md has the by-hand checks)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Why at first use, not at `pip install`: the package stays pure Python (one wheel
 platform, and a Mac installs nothing to build), the kernels are built with `-march=native` for the
 CPU they will run on, and the nanobind they are built with is checked against the mlx that is
 installed *now*, so upgrading mlx rebuilds them instead of loading an incompatible binary. The
-cost is one compile (README, "Native CPU kernels"), then a cached load. It needs a C++ compiler,
+cost is one compile (docs/kernels.md), then a cached load. It needs a C++ compiler,
 which MLX's own CPU JIT (`mx.compile`) already needs on Linux.
 
 The cache key covers the sources, the flags, the compiler, the CPU's features and the versions
