@@ -23,9 +23,13 @@
 #if defined(OE_AVX2) && defined(__AVX512F__)
 #define OE_AVX512 1
 #endif
-// Integer dot products of unsigned by signed bytes (the one-row 4-bit product, linear.cpp).
+// Integer dot products of unsigned by signed bytes (the one-row 4- and 8-bit products,
+// linear.cpp) in one instruction; without VNNI the 4-bit product emulates them (OE_INT8_DOT).
 #if defined(OE_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
 #define OE_VNNI 1
+#endif
+#ifdef OE_AVX2
+#define OE_INT8_DOT 1
 #endif
 // ... in whole 512-bit registers where the CPU has them (twice the products per instruction).
 #if defined(OE_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)

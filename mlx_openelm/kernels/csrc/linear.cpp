@@ -218,12 +218,28 @@ void q_rows(const float* x, const float* xsum, const uint8_t* w, const S* scales
     q_row<BITS, MR>(x, xsum, w, scales, biases, res, out, K, N, gs, n);
 }
 
+#ifdef OE_INT8_DOT
 #ifdef OE_VNNI
 inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, u8, s8);
 #else
   return _mm256_dpbusd_avx_epi32(acc, u8, s8);
+#endif
+}
+#endif
+
+// Each 32-bit lane's sum of its four u8 x s8 byte products, for two pairs of operands: the 4-bit
+// product's low nibbles against x's even elements and high nibbles against its odd ones. Plain
+// AVX2 has no dpbusd; maddubs + madd (llama.cpp's q4_0 route) give the same integers here, since
+// nibbles (<= 15) times pieces (|p| <= 127) cannot reach maddubs' int16 saturation: the two pair
+// sums add to at most 4 * 15 * 127 = 7620. An 8-bit weight could, so 8-bit needs VNNI.
+inline __m256i dot_nibbles(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
+#ifdef OE_VNNI
+  return dpbusd(dpbusd(_mm256_setzero_si256(), lo, even), hi, odd);
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 #endif
 }
 
@@ -387,8 +403,8 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
     __m256i sum[PIECES];
     for (int p = 0; p < PIECES; p++) {
       const int8_t* xp = pieces + p * K;
-      sum[p] = dpbusd(dpbusd(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)(xp + at.even))),
-                      hi, _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
+      sum[p] = dot_nibbles(lo, _mm256_loadu_si256((const __m256i*)(xp + at.even)), hi,
+                           _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
     }
     // Lanes 0-3 hold elements 0-31 of these 64, lanes 4-7 elements 32-63.
     const __m256 mult = _mm256_mul_ps(lane_scales8(sr, sidx, 2 * c), _mm256_loadu_ps(dl + 8 * c));
@@ -397,6 +413,7 @@ inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* si
   out[n] = total + hsum(combine_pieces(acc));
 }
 
+#ifdef OE_VNNI
 // 8-bit decode with the same integer products. The weight bytes are the unsigned operand as they
 // are, and x's pieces lie in order, so a 32-element block is one 256-bit dpbusd per piece whose 8
 // lanes all carry that block's weight scale and d.
@@ -445,8 +462,9 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
   }
   out[n] = total + hsum(combine_pieces(acc));
 }
+#endif
 
-// Whether the VNNI rows take this shape: whole 64-element chunks, none across two groups.
+// Whether the integer rows take this shape: whole 64-element chunks, none across two groups.
 inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
 #endif
 
@@ -702,8 +720,13 @@ class QuantizedLinear : public CpuPrimitive {
           for (int64_t k = 0; k < gs; k++) t += xp[i * gs + k];
           xsum[i] = t;
         }
+#ifdef OE_INT8_DOT
 #ifdef OE_VNNI
-        if (M == 1 && vnni_fits(K, gs)) {
+        constexpr bool eight_bit = true;
+#else
+        constexpr bool eight_bit = false;  // maddubs would saturate (dot_nibbles)
+#endif
+        if (M == 1 && vnni_fits(K, gs) && (bits == 4 || eight_bit)) {
           // At a cache line's start, so that no 512-bit load of a piece spans two lines.
           std::vector<int8_t> piece_store(PIECES * K + 64);
           int8_t* pieces = piece_store.data() + (64 - uintptr_t(piece_store.data()) % 64) % 64;
@@ -720,9 +743,11 @@ class QuantizedLinear : public CpuPrimitive {
               if (bits == 4)
                 q4_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
                             gs, n);
+#ifdef OE_VNNI
               else
                 q8_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
                             gs, n);
+#endif
             }
           });
           return;
