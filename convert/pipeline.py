@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +28,12 @@ from .tensors import TensorRef
 from .validate import validate
 from .writer import Quantization, write_weights
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model"]
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def _mb(n: float) -> str:
@@ -163,17 +161,19 @@ def convert(
             "wrong tokenizer for this checkpoint"
         )
     for note in src.notes:
-        _log(note)
-    _log(f"tokenizer: {tok_origin}")
-    _log(f"chat template: {template_origin if tok is not None else 'none (no tokenizer)'}")
+        log.info(note)
+    log.info(f"tokenizer: {tok_origin}")
+    log.info(f"chat template: {template_origin if tok is not None else 'none (no tokenizer)'}")
     src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
     nbytes = sum(t.nbytes for t in tensors.values())
-    _log(f"{len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
+    log.info(f"{len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
     if target == mx.float16 and args.model_dim >= 3072:
-        _log("note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)")
+        log.warning(
+            "note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)"
+        )
 
     n_params = sum(math.prod(t.shape) for t in tensors.values())
-    _log(
+    log.info(
         f"OpenELM {args.num_transformer_layers} layers, model_dim {args.model_dim}: "
         f"{n_params / 1e6:,.2f} M parameters, {dtype}"
     )
@@ -184,5 +184,5 @@ def convert(
         if tok is not None:
             write_tokenizer_files(tmp, tok, args.max_context_length, chat_template=template)
     size = sum(f.stat().st_size for f in out.iterdir())
-    _log(f"wrote {out} ({_mb(size)}{f', {q_bits}-bit' if quantize else ''})")
+    log.info(f"wrote {out} ({_mb(size)}{f', {q_bits}-bit' if quantize else ''})")
     return out

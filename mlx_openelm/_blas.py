@@ -18,10 +18,13 @@ first, because it shares GNU OpenMP's thread pool with the kernels.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
 from ._cpuinfo import cpuinfo
+
+log = logging.getLogger(__name__)
 
 CANDIDATES = {
     # Intel's MKL from PyPI: libmkl_rt lands in the environment's lib folder, off the loader's path.
@@ -95,10 +98,9 @@ def _warn_if_too_late() -> None:
     if _warned or os.environ.get("MLX_OPENELM_BLAS") == "none" or not bundled_blas_bound():
         return
     _warned = True
-    print(
+    log.warning(
         "mlx-openelm: mlx.core was imported before mlx_openelm, so MLX's CPU matmuls run on the "
-        "slow reference BLAS its wheel bundles; import mlx_openelm first",
-        file=sys.stderr,
+        "slow reference BLAS its wheel bundles; import mlx_openelm first"
     )
 
 

@@ -3,6 +3,7 @@ adapters), pick the chat template, build the sampler, seed."""
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .chat_template import ChatTemplate, template_for_chat
 from .errors import UserError, check_seed, check_utf8
 from .tokenizer import Tokenizer, require_tokenizer
+
+log = logging.getLogger(__name__)
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -101,7 +104,7 @@ def load_for_generation(path: str, adapter_path: str | None = None) -> tuple[nn.
     model, tokenizer, args = load(path, adapter_path=adapter_path, run_on_cpu=True)
     tokenizer = require_tokenizer(tokenizer, path)
     for note in cpu_speed_notes(model, path):
-        print(f"note: {note}", file=sys.stderr)
+        log.warning("note: %s", note)
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(
             f"{path}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only "

@@ -5,6 +5,7 @@ No llama.cpp build is needed (docs/gguf.md has the by-hand checks)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -189,15 +190,16 @@ def test_a_lora_export_differs_from_the_base_by_the_fused_delta(folder, tmp_path
         assert (name in deltas) == bool(np.abs(diff).max() > 1e-4), name
 
 
-def test_a_quantised_folder_is_dequantised_first_and_says_so(tmp_path, spm_model, capsys):
+def test_a_quantised_folder_is_dequantised_first_and_says_so(tmp_path, spm_model, caplog):
     model = tiny_model(seed=5)
     nn.quantize(model, group_size=32, bits=4)
     folder = tmp_path / "q4"
     folder.mkdir()
     save_model(folder, model, model.args, quantization={"group_size": 32, "bits": 4})
     (folder / "tokenizer.model").write_bytes(spm_model.read_bytes())
-    export(folder, gguf_path=tmp_path / "m.gguf", gguf_type="f32")
-    assert "4-bit MLX weights: they are dequantised first" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="mlx_openelm"):
+        export(folder, gguf_path=tmp_path / "m.gguf", gguf_type="f32")
+    assert "4-bit MLX weights: they are dequantised first" in caplog.text
     qkv = model.layers[1].attn.qkv_proj
     want = mx.dequantize(qkv.weight, qkv.scales, qkv.biases, group_size=32, bits=4)
     got = gguf_export.read_tensors(tmp_path / "m.gguf")["blk.1.attn_qkv.weight"]

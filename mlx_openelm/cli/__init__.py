@@ -5,6 +5,7 @@ This module holds the app and its error handling; the command groups live next t
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -47,6 +48,24 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+class _Stderr(logging.Handler):
+    """The library's messages as plain lines on stderr; sys.stderr is looked up at each one, so a
+    runner that swaps it (typer's CliRunner) sees them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _show_library_messages() -> None:
+    logger = logging.getLogger("mlx_openelm")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
 def _run(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call the library; a user error becomes one line and exit code 1. The commands pass their
     options as `locals()`, so each option's name is the library argument's."""
@@ -77,6 +96,7 @@ def main(
     """Run, convert, fine-tune, pretrain and benchmark Apple's OpenELM models with MLX."""
     global _debug
     _debug = debug
+    _show_library_messages()
 
 
 @app.command()

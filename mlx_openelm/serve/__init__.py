@@ -8,7 +8,6 @@ bodies. docs/serve.md says how to use it.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..errors import UserError
@@ -89,7 +88,6 @@ def make_server(
 
 def serve(model: str, **options: Any) -> None:
     """Serve until Ctrl-C / SIGTERM; the model loads while /health answers 503."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     server, engine = make_server(model, **options)
     engine.start()
     try:

@@ -7,8 +7,8 @@ functions of the seed and the step, so they need no saved state.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..convert.readers import read_safetensors
 from ..errors import UserError, read_json
 from ..files import atomic_folder, atomic_write, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 # Arguments a resumed run must share with the run it continues (they fix data order and schedule).
@@ -123,7 +125,7 @@ def resume_checkpoint(
             meta = load_checkpoint(folder, weights_file, model, optimizer)
         except UserError as e:
             errors.append(str(e))
-            print(f"warning: {e}; trying the checkpoint before it", file=sys.stderr, flush=True)
+            log.warning("warning: %s; trying the checkpoint before it", e)
             continue
         return meta
     raise UserError(f"no checkpoint in {out_dir} can be resumed: {'; '.join(errors)}")

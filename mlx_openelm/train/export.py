@@ -7,7 +7,7 @@ GGUF writer is `mlx_openelm.gguf_export`.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +23,8 @@ from ..errors import UserError, read_json
 from ..files import atomic_folder
 from ..loading import load
 from ..tokenizer import write_tokenizer_files
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -115,8 +117,7 @@ def export(
     quantization = read_json(folder / "config.json").get("quantization")
     if quantization:
         bits = quantization.get("bits")
-        note = f"note: {folder} holds {bits}-bit MLX weights: they are dequantised first"
-        print(note, file=sys.stderr)
+        log.info("note: %s holds %s-bit MLX weights: they are dequantised first", folder, bits)
     fused, _, _ = load(folder, adapter_path=adapter_path)
     fused = fuse_adapters(fused, dequantize=True)
     template = folder_template(folder)

@@ -7,6 +7,7 @@ OpenELM's fused `qkv_proj` and `proj_1` are plain linear layers here. The adapte
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -35,6 +36,8 @@ from .data import TokenizerLike, load_data_folder, tokenize
 from .distributed import check_on_rank0
 from .export import export_hf
 from .trainer import TrainingArgs, train
+
+log = logging.getLogger(__name__)
 
 # The default warm-up is 10% of the run, at most this (the paper: 1000, over far longer runs).
 MAX_WARMUP = 100
@@ -145,7 +148,7 @@ def lora(
     total = model_args.num_parameters()
 
     if mx.distributed.init().rank() == 0:
-        print(
+        log.info(
             f"{config['fine_tune_type']}: {trainable / 1e6:.3f}M trainable parameters "
             f"({100 * trainable / total:.2f}% of {total / 1e6:.1f}M); "
             f"{len(train_set)} training, {len(val_set)} validation examples"

@@ -8,6 +8,7 @@ curve and `pretrain.json` (the run's figures, with unigram and bigram baselines)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -31,6 +32,8 @@ from .export import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
 from .trainer import METRICS, TrainingArgs, evaluate, train
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 SUMMARY = "pretrain.json"
@@ -326,7 +329,7 @@ def pretrain(
     init_weights(model, model_args, args.seed)
     per_step = args.batch_size * args.grad_accumulation_steps
     if rank0:
-        print(
+        log.info(
             f"OpenELM {model_args.num_parameters() / 1e6:.2f}M parameters "
             f"({model_args.num_transformer_layers} layers, dim {model_args.model_dim}, "
             f"vocab {model_args.vocab_size}); {len(train_tokens):,} training tokens in "

@@ -7,6 +7,7 @@ validation, checkpoints that resume bit for bit, Ctrl-C that saves, and data par
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -35,6 +36,8 @@ from .data import Example, batch_indices, collate, eval_batches, num_input_token
 from .distributed import check_on_rank0, fingerprint, guard, heartbeat, sync_from_rank0
 from .remat import keyed_blocks
 from .report import MetricsLog, TrainProgress, Window, plot_loss_curve, report_window
+
+log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
@@ -338,7 +341,7 @@ def train(
     last: dict[str, Any] = {"train_loss": float("nan"), "val_loss": None, "tokens_per_sec": 0.0}
     if start >= args.iters:
         if writer:
-            print(f"{out_dir} already finished its {args.iters} steps: nothing to resume")
+            log.info("%s already finished its %d steps: nothing to resume", out_dir, args.iters)
         return {"step": start, "trained_tokens": meta["trained_tokens"], **last}
     model.train()
     bar = TrainProgress(args.iters, start, enabled=progress and writer)
