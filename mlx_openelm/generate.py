@@ -235,6 +235,8 @@ def stream_generate(
 
     # On Metal, keep the weights wired; the stream is synced before the limit is restored.
     with wired_limit(model, [mx.default_stream(mx.default_device())]):
+        if mx.default_device() == mx.cpu:
+            kernels.available()  # a first run builds them (~40 s): not the prompt's time
         tic = time.perf_counter()
         steps = generate_step(ids, model, max_tokens=max_tokens, **kwargs)
         for n, (token, logprobs) in enumerate(steps, start=1):

@@ -135,3 +135,15 @@ def bench(
     from ..bench.runner import bench as run_bench
 
     _run(run_bench, **options)
+
+
+@app.command("kernels")
+def kernels_command(
+    action: Annotated[str, typer.Argument(help="status, build or clear")] = "status",
+) -> None:
+    """The native CPU kernels (Linux): whether they run, build them now (a first run, a CI
+    image), or clear their build cache."""
+    from ..kernels.manage import manage
+
+    for line in _run(manage, action=action):
+        print(line)

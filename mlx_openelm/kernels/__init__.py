@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 import os
 import sys
@@ -32,6 +33,8 @@ import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 
 from ..kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 # Decoding multiplies one row (a few with batching); above this many rows MKL's sgemm is faster.
 MAX_ROWS = 4
@@ -69,7 +72,7 @@ def _load() -> None:
     else:
         _ext = ext
     if _why_off and not _why_off.startswith("off (MLX_OPENELM"):
-        print(f"mlx-openelm: CPU kernels {_why_off}; running MLX's own ops", file=sys.stderr)
+        log.warning("mlx-openelm: CPU kernels %s; running MLX's own ops", _why_off)
 
 
 def available() -> bool:

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import importlib.machinery
 import importlib.metadata
+import logging
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 from .._cpuinfo import cpuinfo
+
+log = logging.getLogger(__name__)
 
 MODULE = "_openelm_kernels"
 SOURCES = ["linear.cpp", "norm.cpp", "attention.cpp", "loss.cpp", "bindings.cpp"]
@@ -127,8 +130,7 @@ def build(verbose: bool = True) -> Path:
         if target.is_file():  # another process built it while we waited
             return target
         if verbose:
-            print("mlx-openelm: building the CPU kernels (once, about a minute)...",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            log.info("mlx-openelm: building the CPU kernels (once, about a minute)...")
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
             includes = [
                 f"-I{mlx_dir / 'include'}",
