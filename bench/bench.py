@@ -105,7 +105,7 @@ class MLXRunner:
 
             self.model, _ = load_model(Path(folder))
         else:
-            from mlx_openelm.generate import generate_step
+            from mlx_openelm.generation import generate_step
 
             naive = impl.endswith("naive-rmsnorm")
             self.model, _, _ = mlx_openelm.load(folder, naive_rms_norm=naive)

@@ -87,7 +87,7 @@ def timed_ops(totals: dict[str, float]) -> Iterator[None]:
 
 
 def _prefill(model: Any, ids: mx.array) -> Callable[[], None]:
-    from mlx_openelm.generate import make_prompt_cache
+    from mlx_openelm.generation import make_prompt_cache
 
     def run() -> None:
         cache = make_prompt_cache(model)
@@ -99,7 +99,7 @@ def _prefill(model: Any, ids: mx.array) -> Callable[[], None]:
 
 def _decode(model: Any, context: int, vocab: int) -> Callable[[], None]:
     """One decode step after `context` tokens (the cache is rebuilt, untimed, once)."""
-    from mlx_openelm.generate import make_prompt_cache
+    from mlx_openelm.generation import make_prompt_cache
 
     cache = make_prompt_cache(model)
     model(mx.arange(context)[None] % vocab, cache=cache)

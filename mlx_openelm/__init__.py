@@ -5,7 +5,9 @@ from ._blas import load_fast_blas
 load_fast_blas()  # before anything imports mlx.core
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ModelArgs", "load", "preset", "save_model"]
+__all__ = [
+    "Model", "ModelArgs", "generate", "load", "preset", "save_model", "stream_generate"
+]  # fmt: skip
 
 # Imported on first use, so `mlx_openelm.bench.reference` (torch only) works where MLX is absent.
 _LAZY = {
@@ -14,6 +16,8 @@ _LAZY = {
     "preset": "config",
     "load": "loading",
     "save_model": "loading",
+    "generate": "generation",
+    "stream_generate": "generation",
 }
 
 

@@ -36,7 +36,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .chat_template import ChatTemplate
 from .errors import UserError, check_utf8
-from .generate import GenerationResponse, stream_generate
+from .generation import GenerationResponse, stream_generate
 from .prepare import prepare
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 

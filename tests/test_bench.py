@@ -128,7 +128,7 @@ def test_check_agreement_stops_at_a_near_tie() -> None:
 def test_random_weights_make_varied_tokens() -> None:
     import mlx.core as mx
 
-    from mlx_openelm.generate import generate_step
+    from mlx_openelm.generation import generate_step
     from mlx_openelm.model import Model
 
     model = Model(ModelArgs(**TINY))
@@ -281,7 +281,7 @@ with open(os.environ["FAKE_LLAMA_LOG"], "a") as f:
     f.write(json.dumps(["llama-completion", *args]) + "\\n")
 opt = lambda name: args[args.index(name) + 1]
 import mlx.core as mx, mlx_openelm
-from mlx_openelm.generate import generate_step
+from mlx_openelm.generation import generate_step
 from mlx_openelm.gguf_export import ids_to_placeholder_text, placeholder_text_to_ids
 ids = placeholder_text_to_ids(open(opt("-f"), encoding="utf-8").read())
 model, _, _ = mlx_openelm.load(os.environ["FAKE_LLAMA_MODEL"])

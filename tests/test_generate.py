@@ -10,7 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
-from mlx_openelm.generate import generate, generate_step, stream_generate
+from mlx_openelm.generation import generate, generate_step, stream_generate
 from mlx_openelm.prepare import make_sampling
 
 PROMPT = "It was a truth universally acknowledged"
@@ -358,7 +358,7 @@ def test_cli_generate_notes_16_bit_weights_on_the_cpu(tmp_path, spm_model):
 
 
 def test_cli_ctrl_c_still_reports(folder, monkeypatch):
-    import mlx_openelm.generate as gen
+    import mlx_openelm.generation as gen
 
     real = gen.stream_generate
 

@@ -438,7 +438,7 @@ def test_mlx_lm_chats_with_the_converted_folder(converted, tokenizer):
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_openelm.generate import stream_generate
+    from mlx_openelm.generation import stream_generate
     from mlx_openelm.loading import load
 
     out, _, _ = converted

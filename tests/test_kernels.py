@@ -482,7 +482,7 @@ def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, dtype, weights_270m):
     path); fp32 logits as exact as MLX's own. With `dtype`, quantized from bfloat16 (as `convert
     -q` on a Mac, and mlx-community, write it) and loaded to run on a CPU: bfloat16 scales."""
     from mlx_openelm.config import preset
-    from mlx_openelm.generate import generate_step
+    from mlx_openelm.generation import generate_step
     from mlx_openelm.loading import float32_on_cpu
     from mlx_openelm.model import Model
 

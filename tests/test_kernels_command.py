@@ -50,7 +50,7 @@ def test_a_silenced_first_run_prints_nothing_then_status_says_on(tmp_path, tiny_
 import logging
 logging.getLogger("mlx_openelm").disabled = True
 import mlx_openelm
-from mlx_openelm.generate import generate
+from mlx_openelm.generation import generate
 model, tokenizer, _ = mlx_openelm.load({str(tiny_folder)!r}, run_on_cpu=True)
 text = generate(model, tokenizer, "the", max_tokens=4)
 from mlx_openelm import kernels

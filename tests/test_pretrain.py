@@ -260,7 +260,7 @@ DEMO = Path(__file__).parents[1] / "demo"
 def test_demo_converts_generates_and_beats_unigram(tmp_path):
     from mlx_openelm.convert import convert
 
-    from mlx_openelm.generate import generate
+    from mlx_openelm.generation import generate
     from mlx_openelm.loading import load
     from mlx_openelm.train.trainer import evaluate
 

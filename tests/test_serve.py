@@ -24,7 +24,7 @@ N = 12
 def expected(tiny_folder):
     """`generate`'s greedy outputs, computed before the server owns MLX."""
     from mlx_openelm.chat_template import ChatTemplate, encode_conversation
-    from mlx_openelm.generate import generate
+    from mlx_openelm.generation import generate
     from mlx_openelm.prepare import load_for_generation
     from mlx_openelm.tokenizer import CHAT_TEMPLATE
 

@@ -48,7 +48,7 @@ def generate(
 ) -> None:
     """Continue a prompt; the speed report (tokens/s, peak memory) goes to stderr."""
     options = {**locals(), "stop": stop or []}
-    from ..generate import run
+    from ..generation import run
 
     _run(run, **options)
 

@@ -127,7 +127,7 @@ class MLXOpenELM(TemplateLM):
         # One request at a time through `generate` (greedy unless the task asks to sample).
         from mlx_lm.sample_utils import make_sampler
 
-        from ..generate import generate
+        from ..generation import generate
 
         out = []
         for req in track(

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..generate import TextStream
+from ..generation import TextStream
 from ..kv_cache import KVCache
 from ..prepare import make_sampling
 from ..tokenizer import Tokenizer
