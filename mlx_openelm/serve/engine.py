@@ -16,6 +16,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -52,6 +53,7 @@ class Engine:
         self.failed: str | None = None
         self._waiting: deque[Job] = deque()
         self._active: list[Sequence] = []
+        self._pending: _Step | None = None  # the decode step queued and not yet read
         self._usage: dict[int, list[int]] = {}  # id(job) -> [prompt, completion, cached, left]
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -107,7 +109,7 @@ class Engine:
             except Exception:  # a bug must cost its batch, never the server
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all(self._active, APIError(500, "internal error", type="server_error"))
-                self._active = []
+                self._active, self._pending = [], None
         self._fail_all(self._active, APIError(503, "the server is shutting down",
                                               type="server_error"))  # fmt: skip
         with self._lock:
@@ -130,6 +132,7 @@ class Engine:
         self._admit()
         self._drop_cancelled()
         if not self._active:
+            self._pending = None  # only rows that left were in it
             return False
         newcomer = next((s for s in self._active if not s.ready and s.leader is None), None)
         if newcomer is not None:
@@ -137,6 +140,9 @@ class Engine:
         decoding = [s for s in self._active if s.ready]
         if decoding:
             self._decode(decoding)
+        elif self._pending is not None:
+            self._read(self._pending)
+            self._pending = None
         return True
 
     def _admit(self) -> None:
@@ -185,23 +191,74 @@ class Engine:
                     other.leader = None
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        tokens = mx.array([s.history[-1] for s in seqs])[:, None]
-        caches = [RowCaches(s.cache[i] for s in seqs) for i in range(len(self.model.layers))]
+        """Queue this decode step, then read the previous one, as `generate_step` does: the step's
+        graph is built while the last one computes, and its inputs are the last one's tokens
+        before they reach Python. A row that needs its latest token on the host to build its
+        step (a grammar, a repetition penalty) waits for it instead."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not all(s.pipelined for s in seqs):
+            self._read(pending)
+            pending = None
+        # Rows whose pending token is their last are done: no step past it for them.
+        last = {id(s) for s in pending.seqs if s.generated + 1 >= s.job.params.max_tokens} \
+            if pending is not None else set()  # fmt: skip
+        seqs = [s for s in seqs if id(s) not in last]
+        if seqs:
+            self._pending = self._queue(seqs, pending)
+        if pending is not None:
+            self._read(pending)
+
+    def _queue(self, seqs: list[Sequence], pending: _Step | None) -> _Step:
+        """Build one decode step of `seqs` and start computing it; the rows of `pending` take
+        their input token from it, still on the device."""
+        rows = {id(s): b for b, s in enumerate(pending.seqs)} if pending is not None else {}
+        carried = [s for s in seqs if id(s) in rows]
+        fresh = [s for s in seqs if id(s) not in rows]
+        seqs = carried + fresh
+        parts = []
+        if carried:
+            idx = [rows[id(s)] for s in carried]
+            same = idx == list(range(len(pending.seqs)))
+            parts.append(pending.tokens if same else pending.tokens[mx.array(idx)])
+        if fresh:
+            parts.append(mx.array([s.history[-1] for s in fresh]))
+        tokens = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        if len(seqs) == 1:  # exactly `generate`'s step
+            caches = seqs[0].cache
+        else:
+            caches = [RowCaches(s.cache[i] for s in seqs) for i in range(len(self.model.layers))]
         with kernels.batch_rows(len(seqs)):
-            logits = self.model(tokens, cache=caches)[:, -1, :]
+            logits = self.model(tokens[:, None], cache=caches)[:, -1, :]
             vocab = self.tokenizer.vocab_size
             if logits.shape[-1] > vocab:  # padding rows (CoreNet's 32128) are not tokens
                 logits = logits[:, :vocab]
             plain = kernels.log_softmax(logits) if any(s.plain for s in seqs) else None
-            out = [
-                s.sample(logits[b : b + 1], None if plain is None else plain[b : b + 1])
-                for b, s in enumerate(seqs)
-            ]
-        mx.eval(out, [c.state for s in seqs for c in s.cache])
-        for s, (token, logprobs) in zip(seqs, out):
-            want = s.job.params.logprobs is not None
-            row = np.asarray(logprobs[0]) if want else None
-            piece = s.advance(int(token.item()), row)
+            if plain is not None and all(s.plain and s.greedy for s in seqs):
+                out, logprobs = mx.argmax(plain, axis=-1), plain
+            else:
+                rows_out = [
+                    s.sample(logits[b : b + 1], None if plain is None else plain[b : b + 1])
+                    for b, s in enumerate(seqs)
+                ]
+                out = mx.concatenate([t for t, _ in rows_out])
+                want = [lp for s, (_, lp) in zip(seqs, rows_out) if s.job.params.logprobs is not None]
+                logprobs = mx.concatenate([lp for _, lp in rows_out]) if want else None
+        for s in seqs:
+            s.sampled += 1
+        mx.async_eval(out, [c.state for s in seqs for c in s.cache])
+        return _Step(seqs, out, logprobs)
+
+    def _read(self, step: _Step) -> None:
+        """Hand a computed step's tokens to their sequences and clients."""
+        tokens = step.tokens.tolist()
+        rows = None
+        if step.logprobs is not None and any(s.job.params.logprobs is not None for s in step.seqs):
+            rows = np.asarray(step.logprobs)
+        for b, (s, token) in enumerate(zip(step.seqs, tokens)):
+            if s.finished or s.job.cancelled.is_set():
+                continue  # it left the batch while this step ran
+            row = rows[b] if rows is not None and s.job.params.logprobs is not None else None
+            piece = s.advance(token, row)
             self._emit_piece(s, piece)
 
     def _emit_piece(self, s: Sequence, piece: Any) -> None:
@@ -212,6 +269,7 @@ class Engine:
             self._finish(s)
 
     def _finish(self, s: Sequence) -> None:
+        s.finished = True
         self._active.remove(s)
         # The cache holds every token fed: the prompt and all sampled but the last.
         self.prompt_cache.insert(s.history[: s.cache[0].offset], s.cache)
@@ -236,6 +294,13 @@ class Engine:
         for job in jobs.values():
             self._usage.pop(id(job), None)
             job.emit(("error", error))
+
+
+@dataclass
+class _Step:
+    seqs: list[Sequence]
+    tokens: mx.array  # (B,) the sampled tokens
+    logprobs: mx.array | None  # (B, vocab), when a row asks for logprobs
 
 
 def wait_ready(engine: Engine, timeout: float) -> bool:

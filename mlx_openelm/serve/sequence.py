@@ -89,7 +89,9 @@ class Sequence:
         self.cache = [KVCache() for _ in range(layers)]
         self.pos = 0  # prompt tokens in the cache
         self.history = list(prompt)  # the prompt and every token sampled
-        self.generated = 0
+        self.generated = 0  # tokens read back
+        self.sampled = 0  # tokens sampled (one ahead of `generated` while a step computes)
+        self.finished = False
         self.leader: Sequence | None = None  # a sibling choice that prefills the shared prompt
         self.sampler, self.processors = make_sampling(
             p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, tokenizer.vocab_size
@@ -100,6 +102,8 @@ class Sequence:
         self.bias = _bias(p.logit_bias, tokenizer.vocab_size)
         self.greedy = p.temperature == 0
         self.plain = not (self.processors or self.matcher or self.bias is not None)
+        # Its next step can be built before its last token is read (see Engine._decode).
+        self.pipelined = not (self.processors or self.matcher)
 
     @property
     def ready(self) -> bool:
@@ -130,7 +134,7 @@ class Sequence:
             return mx.argmax(logprobs, axis=-1), logprobs
         if self.job.params.seed is not None:
             # A seeded request draws from its own seed at each step, whatever runs beside it.
-            mx.random.seed((self.job.params.seed + 7919 * self.generated) % (1 << 32))
+            mx.random.seed((self.job.params.seed + 7919 * self.sampled) % (1 << 32))
         return self.sampler(logprobs), logprobs
 
     def advance(self, token: int, logprobs: np.ndarray | None) -> Piece:
