@@ -65,6 +65,27 @@ def test_linear_leaves_many_rows_and_biases_to_mlx():
     assert mx.array_equal(*both(kernels.linear, layer, x))
 
 
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("rows", [2, 5, 8])
+def test_a_batch_of_rows_gives_each_row_what_it_gives_alone(bits, rows):
+    # The server's decode step (kernels.batch_rows): past four rows the weights go in tiles
+    # that serve every block of rows, and quantized rows take the one-row integer dots each.
+    k, n = 1280, 1000
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = normal(n, k, seed=3) * k**-0.5
+    if bits:
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=64, bits=bits)
+    norm = nn.RMSNorm(k, eps=1e-5)
+    x, res = normal(1, rows, k, seed=4), normal(1, rows, n, seed=5)
+    with kernels.batch_rows(rows):
+        batch = kernels.linear(layer, x, norm=norm, residual=res)
+    alone = [kernels.linear(layer, x[:, i : i + 1], norm=norm, residual=res[:, i : i + 1])
+             for i in range(rows)]  # fmt: skip
+    assert mx.array_equal(batch, mx.concatenate(alone, axis=1))
+    with kernels.disabled():
+        close(batch, layer(norm(x)) + res)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 # 832 (13 heads of 64): the 4-bit one-row product's last 64 elements are not a whole block of 128
 @pytest.mark.parametrize(

@@ -64,15 +64,43 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
       out[m * N + n + r] = acc_s[m][r] + (res ? res[m * N + n + r] : 0.0f);
 }
 
+// Weight rows n0 .. n1 - 1 against MR input rows.
 template <int MR>
-void f32_block(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N) {
+void f32_span(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N,
+              int64_t n0, int64_t n1, bool many) {
   constexpr int NR = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // at most 8 accumulators
+  int64_t n = n0;
+  if (many)
+    for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
+  for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
+}
+
+// Weight rows per tile: its 4-row blocks of input rows take it while it is in L2.
+constexpr int64_t TILE = 16;
+
+// out (M, N) = x (M, K) @ w.T (+ res), the input rows four at a time (what the registers hold).
+// Past four, each tile of weight rows serves every block before the next one is read: with the
+// blocks one after the other over all of w, eight rows (a server's batch) streamed w twice.
+// A row's sums do not depend on its block, so each row gets what it would alone.
+void f32_product(const float* x, const float* w, const float* res, float* out, int64_t M,
+                 int64_t K, int64_t N) {
   const bool many = many_streams();
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    if (many)
-      for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
-    for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
+    const int64_t tile = M > 4 ? TILE : n1 - n0;
+    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+      const int64_t t1 = std::min(n1, t0 + tile);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xm = x + m0 * K;
+        const float* rm = res ? res + m0 * N : nullptr;
+        float* om = out + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: f32_span<1>(xm, w, rm, om, K, N, t0, t1, many); break;
+          case 2: f32_span<2>(xm, w, rm, om, K, N, t0, t1, many); break;
+          case 3: f32_span<3>(xm, w, rm, om, K, N, t0, t1, many); break;
+          default: f32_span<4>(xm, w, rm, om, K, N, t0, t1, many);
+        }
+      }
+    }
   });
 }
 
@@ -464,6 +492,9 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
 }
 #endif
 
+// Input rows that take the integer rows (one at a time each); more go to the float rows below.
+constexpr int64_t MAX_INT8_ROWS = 16;
+
 // Whether the integer rows take this shape: whole 64-element chunks, none across two groups.
 inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
 #endif
@@ -650,18 +681,7 @@ class LinearF32 : public CpuPrimitive {
                   op = out.data<float>(), M, K, N]() {
       std::vector<float> buffer;
       const float* xp = input_rows(f, x_in, fd.norm_weight, M, K, buffer);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        int64_t mr = std::min<int64_t>(4, M - m0);
-        const float* xm = xp + m0 * K;
-        const float* rm = fd.residual ? fd.residual + m0 * N : nullptr;
-        float* om = op + m0 * N;
-        switch (mr) {
-          case 1: f32_block<1>(xm, wp, rm, om, K, N); break;
-          case 2: f32_block<2>(xm, wp, rm, om, K, N); break;
-          case 3: f32_block<3>(xm, wp, rm, om, K, N); break;
-          default: f32_block<4>(xm, wp, rm, om, K, N);
-        }
-      }
+      f32_product(xp, wp, fd.residual, op, M, K, N);
     });
   }
 
@@ -726,28 +746,36 @@ class QuantizedLinear : public CpuPrimitive {
 #else
         constexpr bool eight_bit = false;  // maddubs would saturate (dot_nibbles)
 #endif
-        if (M == 1 && vnni_fits(K, gs) && (bits == 4 || eight_bit)) {
+        // One row (decoding), or a server's batch of single rows: each row takes the integer
+        // dots one by one while the weight row is in L1, so each gets what it would alone.
+        if (M <= MAX_INT8_ROWS && vnni_fits(K, gs) && (bits == 4 || eight_bit)) {
           // At a cache line's start, so that no 512-bit load of a piece spans two lines.
-          std::vector<int8_t> piece_store(PIECES * K + 64);
+          const int64_t stride = (PIECES * K + 63) / 64 * 64;
+          std::vector<int8_t> piece_store(M * stride + 64);
           int8_t* pieces = piece_store.data() + (64 - uintptr_t(piece_store.data()) % 64) % 64;
-          std::vector<float> dl(K / 8);
+          std::vector<float> dl(M * (K / 8));
           std::vector<int32_t> sidx(K / 32);
           for (int64_t b = 0; b < K / 32; b++) sidx[b] = int32_t(b * 32 / gs);
-          if (bits == 4) split_x<true>(xp, K, pieces, dl.data());
-          else split_x<false>(xp, K, pieces, dl.data());
+          for (int64_t m = 0; m < M; m++) {
+            if (bits == 4) split_x<true>(xp + m * K, K, pieces + m * stride, dl.data() + m * (K / 8));
+            else split_x<false>(xp + m * K, K, pieces + m * stride, dl.data() + m * (K / 8));
+          }
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
             std::vector<float> buf(2 * groups);
             for (int64_t n = n0; n < n1; n++) {
               const float* sr = as_floats(sp + n * groups, groups, buf.data());
               const float* br = as_floats(bp + n * groups, groups, buf.data() + groups);
-              if (bits == 4)
-                q4_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
-                            gs, n);
+              for (int64_t m = 0; m < M; m++) {
+                const int8_t* pm = pieces + m * stride;
+                const float *dm = dl.data() + m * (K / 8), *xs = xsum.data() + m * groups;
+                const float* rm = rp ? rp + m * N : nullptr;
+                if (bits == 4)
+                  q4_row_vnni(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
 #ifdef OE_VNNI
-              else
-                q8_row_vnni(pieces, dl.data(), sidx.data(), xsum.data(), wp, sr, br, rp, op, K,
-                            gs, n);
+                else
+                  q8_row_vnni(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
 #endif
+              }
             }
           });
           return;
