@@ -1,6 +1,6 @@
 """llama.cpp rows for `mlx-openelm bench`: the same weights as a GGUF file, timed by `llama-bench`.
 
-The benchmarked folder is exported once (`mlx_openelm.gguf_export`) at the type that matches the
+The benchmarked folder is exported once (`mlx_openelm.export.gguf`) at the type that matches the
 MLX rows: f32 beside fp32, f16/bf16 beside 16-bit, q8_0/q4_0 beside MLX 8-/4-bit. Its vocabulary
 is the placeholder one (one character per id), so the bench's prompts, which are raw ids, can be
 written as text for `llama-completion` and its greedy output read back as ids for the token check
@@ -67,7 +67,7 @@ def export(folder: str | Path, out: str | Path, gguf_type: str) -> Path:
     import mlx_openelm
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model
-    from mlx_openelm.gguf_export import write_gguf
+    from mlx_openelm.export.gguf import write_gguf
 
     model, _, args = mlx_openelm.load(folder)
     model = dequantize_model(model)
@@ -109,7 +109,7 @@ def check_tokens(spec: dict[str, Any], n: int) -> list[int]:
     Flash attention off: llama.cpp's CPU flash attention is not fp32-exact (270M shape, prompt
     512: it flips the second greedy token, where the fp32 top-2 gap is 0.028).
     """
-    from mlx_openelm.gguf_export import ids_to_placeholder_text, placeholder_text_to_ids
+    from mlx_openelm.export.gguf import ids_to_placeholder_text, placeholder_text_to_ids
 
     n_check = min(spec["gen_tokens"], MAX_CHECK_TOKENS)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as prompt:

@@ -174,7 +174,7 @@ def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, r
             ) from None
     if llama_cpp is None:
         return None
-    from mlx_openelm.gguf_export import require_gguf
+    from mlx_openelm.export.gguf import require_gguf
 
     llama.gguf_type(dtype, q_bits)  # refuses a bit width llama.cpp has no type for
     require_gguf()

@@ -282,7 +282,7 @@ with open(os.environ["FAKE_LLAMA_LOG"], "a") as f:
 opt = lambda name: args[args.index(name) + 1]
 import mlx.core as mx, mlx_openelm
 from mlx_openelm.generation import generate_step
-from mlx_openelm.gguf_export import ids_to_placeholder_text, placeholder_text_to_ids
+from mlx_openelm.export.gguf import ids_to_placeholder_text, placeholder_text_to_ids
 ids = placeholder_text_to_ids(open(opt("-f"), encoding="utf-8").read())
 model, _, _ = mlx_openelm.load(os.environ["FAKE_LLAMA_MODEL"])
 out = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=int(opt("-n")))]
@@ -400,7 +400,7 @@ def test_a_quantised_folder_exports_its_dequantised_weights(quantised, tmp_path)
     import numpy as np
     from mlx_openelm.bench.llama_cpp import export
 
-    from mlx_openelm.gguf_export import read_tensors
+    from mlx_openelm.export.gguf import read_tensors
     from mlx_openelm.loading import load
 
     model, _, args = load(quantised)

@@ -31,7 +31,7 @@ def export(
 ) -> None:
     """Export a model (adapters fused in) as GGUF for llama.cpp and/or a Hugging Face folder."""
     options = locals()
-    from ..train.export import export as run_export
+    from ..export import export as run_export
 
     written = _run(run_export, **options)
     for path in written:

@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelArgs
-from .errors import MissingDependency, UserError
+from ..config import ModelArgs
+from ..errors import MissingDependency, UserError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # Ids past the control pieces map to one character each in the placeholder vocabulary (below).
@@ -56,7 +56,7 @@ def check_representable(args: ModelArgs) -> None:
 def check_shapes(weights: dict[str, mx.array], args: ModelArgs) -> None:
     """Refuse weights that llama.cpp would not load against this config: misshapen or not float
     (an MLX quantised layer's packed uint32 weight is (N, K * bits / 32))."""
-    from .convert.validate import expected_shapes
+    from ..convert.validate import expected_shapes
 
     expected = expected_shapes(args)
     for key, w in weights.items():

@@ -34,7 +34,7 @@ from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
 from .distributed import check_on_rank0
-from .export import export_hf
+from ..export.hf import export_hf
 from .trainer import TrainingArgs, train
 
 log = logging.getLogger(__name__)

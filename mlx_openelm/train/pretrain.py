@@ -28,7 +28,7 @@ from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, average_checkpoints, check_run_folder, latest_checkpoint
 from .distributed import check_on_rank0, guard, weights_from_rank0
-from .export import export_hf
+from ..export.hf import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
 from .trainer import METRICS, TrainingArgs, evaluate, train
