@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mlx_openelm.errors import UserError, is_int, parse_json, read_json
+from mlx_openelm.errors import UserError, is_int
+from mlx_openelm.files import parse_json, read_json
 
 from .tensors import NUMPY_DTYPES, TensorRef, file_bytes, view
 from .torch_zip import read_torch_zip

@@ -18,7 +18,8 @@ from mlx_lm.tuner.dora import DoRAEmbedding
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
-from .errors import UserError, read_json
+from .errors import UserError
+from .files import read_json
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, read_json, read_text
+from .errors import UserError
+from .files import read_json, read_text
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 OPENELM = "openelm"  # `--chat-template openelm`: the built-in Instruct template

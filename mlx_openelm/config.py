@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError, is_int, read_json
+from .errors import UserError, is_int
+from .files import read_json
 
 MODEL_TYPE = "openelm"
 

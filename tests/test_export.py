@@ -18,13 +18,13 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import mlx_openelm
-from mlx_openelm.export import gguf as gguf_export
 from mlx_openelm.adapters import adapter_config, apply_lora
 from mlx_openelm.cli import app
 from mlx_openelm.errors import UserError
+from mlx_openelm.export import export
+from mlx_openelm.export import gguf as gguf_export
 from mlx_openelm.loading import save_model
 from mlx_openelm.tokenizer import CHAT_TEMPLATE
-from mlx_openelm.export import export
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs pip install .[export]")
 Q = gguf.GGMLQuantizationType

@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import read_json
+from ..files import read_json
 
 
 def _version(dist: str) -> str | None:

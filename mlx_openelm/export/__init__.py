@@ -12,7 +12,8 @@ from .. import hub
 from ..adapters import fuse_adapters
 from ..chat_template import folder_template
 from ..config import ModelArgs
-from ..errors import UserError, read_json
+from ..errors import UserError
+from ..files import read_json
 from ..loading import load
 from .hf import DTYPES, export_hf
 

@@ -24,7 +24,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import UserError, parse_json
+from ..errors import UserError
+from ..files import parse_json
 from . import jobs
 from .engine import Engine
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body, from_validation

@@ -19,8 +19,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..convert.readers import read_safetensors
-from ..errors import UserError, read_json
-from ..files import atomic_folder, atomic_write, remove_stale_temporaries
+from ..errors import UserError
+from ..files import atomic_folder, atomic_write, read_json, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..chat_template import ChatTemplate
-from ..errors import UserError, parse_json_line, read_text
+from ..errors import UserError
+from ..files import parse_json_line, read_text
 from ..tokenizer import CHAT_TEMPLATE
 
 ROLES = ("system", "user", "assistant")

@@ -27,14 +27,14 @@ from ..adapters import (
     fuse_adapters,
 )
 from ..chat_template import adapter_template, folder_template, template_for_training
-from ..errors import UserError, read_json
-from ..files import atomic_folder
+from ..errors import UserError
+from ..export.hf import export_hf
+from ..files import atomic_folder, read_json
 from ..loading import PATTERNS, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
 from .data import TokenizerLike, load_data_folder, tokenize
 from .distributed import check_on_rank0
-from ..export.hf import export_hf
 from .trainer import TrainingArgs, train
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,13 @@ from mlx.utils import tree_flatten
 
 from ..config import PRESETS, ModelArgs
 from ..config import preset as preset_args
-from ..errors import UserError, check_seed, read_json
+from ..errors import UserError, check_seed
+from ..export.hf import export_hf
+from ..files import read_json
 from ..model import Model
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, write_tokenizer_files
 from .checkpoint import CHECKPOINTS, average_checkpoints, check_run_folder, latest_checkpoint
 from .distributed import check_on_rank0, guard, weights_from_rank0
-from ..export.hf import export_hf
 from .text_data import encode_documents, pack, read_documents, split_documents
 from .tokenizer_training import train_tokenizer
 from .trainer import METRICS, TrainingArgs, evaluate, train

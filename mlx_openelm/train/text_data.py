@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, parse_json_line
+from ..errors import UserError
+from ..files import parse_json_line
 from .data import Example, TokenizerLike, _special_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
