@@ -26,36 +26,45 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 DEFAULT_REPETITION_PENALTY = 1.2
 
 
-def make_sampling(
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-    vocab_size: int | None = None,
-) -> tuple[Sampler, list[LogitsProcessor]]:
-    """Check sampling options and build mlx-lm's sampler and logits processors from them.
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are drawn, one spelling for `generate`, `chat`, the server and Python callers:
+    mlx-lm's sampler and repetition penalty. temp 0 is greedy; top_p 1, top_k 0, min_p 0 and
+    repetition_penalty 1 switch those off."""
 
-    temp 0 is greedy; top_p 1, top_k 0, min_p 0 and repetition_penalty 1 switch those off.
-    """
-    checks = [
-        (math.isfinite(temp) and temp >= 0, f"temp must be >= 0 (0 is greedy), got {temp}"),
-        (0 < top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {top_p}"),
-        (top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {top_k}"),
-        (0 <= min_p <= 1, f"min_p must be in [0, 1] (0 turns it off), got {min_p}"),
-        (
-            math.isfinite(repetition_penalty) and repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if vocab_size is not None and top_k >= vocab_size:
-        top_k = 0  # keeping every token is no filter (and mlx-lm's top-k rejects it)
-    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    penalty = None if repetition_penalty == 1 else repetition_penalty
-    return sampler, make_logits_processors(repetition_penalty=penalty)
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+
+    def check(self) -> None:
+        checks = [
+            (
+                math.isfinite(self.temp) and self.temp >= 0,
+                f"temp must be >= 0 (0 is greedy), got {self.temp}",
+            ),  # fmt: skip
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def build(self, vocab_size: int | None = None) -> tuple[Sampler, list[LogitsProcessor]]:
+        """mlx-lm's sampler and logits processors, after `check`."""
+        self.check()
+        top_k = self.top_k
+        if vocab_size is not None and top_k >= vocab_size:
+            top_k = 0  # keeping every token is no filter (and mlx-lm's top-k rejects it)
+        sampler = make_sampler(temp=self.temp, top_p=self.top_p, min_p=self.min_p, top_k=top_k)
+        penalty = None if self.repetition_penalty == 1 else self.repetition_penalty
+        return sampler, make_logits_processors(repetition_penalty=penalty)
 
 
 def cpu_speed_notes(model: nn.Module, name: str = "the model") -> list[str]:
@@ -128,11 +137,7 @@ def prepare(
     model: str,
     *,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+    sampling: SamplingOptions = SamplingOptions(),
     seed: int | None = None,
     adapter_path: str | None = None,
     system: str | None = None,
@@ -144,7 +149,7 @@ def prepare(
     """
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
-    make_sampling(temp, top_p, top_k, min_p, repetition_penalty)  # fail fast, before loading
+    sampling.check()  # fail fast, before loading
     check_seed(seed)
     check_utf8(system or "", "--system")
     m, tokenizer = load_for_generation(model, adapter_path)
@@ -154,9 +159,7 @@ def prepare(
             model, tokenizer.path.parent, chat_template, adapter_path
         )
         template = ChatTemplate(source, tokenizer)
-    sampler, processors = make_sampling(
-        temp, top_p, top_k, min_p, repetition_penalty, tokenizer.vocab_size
-    )
+    sampler, processors = sampling.build(tokenizer.vocab_size)
     if seed is not None:
         mx.random.seed(seed)
     return Prepared(m, tokenizer, sampler, processors, max_tokens, template, origin)

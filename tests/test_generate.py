@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mlx_openelm.cli import app
 from mlx_openelm.generation import generate, generate_step, stream_generate
-from mlx_openelm.prepare import make_sampling
+from mlx_openelm.prepare import SamplingOptions
 
 PROMPT = "It was a truth universally acknowledged"
 
@@ -65,7 +65,7 @@ def test_cache_holds_prompt_and_every_yielded_token(model, tokenizer):
 
 
 def test_fixed_seed_repeats_and_seeds_differ(model, tokenizer):
-    sampler, _ = make_sampling(temp=1.5)
+    sampler, _ = SamplingOptions(temp=1.5).build()
     ids = tokenizer.encode(PROMPT)
 
     def sample(seed: int) -> list[int]:
@@ -78,7 +78,7 @@ def test_fixed_seed_repeats_and_seeds_differ(model, tokenizer):
 
 def test_top_k_one_equals_greedy(model, tokenizer):
     ids = tokenizer.encode(PROMPT)
-    sampler, _ = make_sampling(temp=2.0, top_k=1, repetition_penalty=1.0)
+    sampler, _ = SamplingOptions(temp=2.0, top_k=1, repetition_penalty=1.0).build()
     mx.random.seed(0)
     assert greedy_ids(model, ids, 24, sampler=sampler) == greedy_ids(model, ids, 24)
 
@@ -86,7 +86,7 @@ def test_top_k_one_equals_greedy(model, tokenizer):
 def test_repetition_penalty_lowers_repeats(model, tokenizer):
     ids = tokenizer.encode(PROMPT)
     plain = greedy_ids(model, ids, 40)
-    _, processors = make_sampling(repetition_penalty=1.5)
+    _, processors = SamplingOptions(repetition_penalty=1.5).build()
     penalised = greedy_ids(model, ids, 40, logits_processors=processors)
     assert repeats(plain) > 20  # a random model loops
     assert repeats(penalised) < repeats(plain)
@@ -135,7 +135,7 @@ def test_padding_rows_beyond_the_tokenizer_are_never_sampled(tokenizer):
 
 def test_stop_string_ends_generation_and_is_not_returned(tokenizer):
     model = tiny_model(seed=5)
-    _, processors = make_sampling(repetition_penalty=1.3)
+    _, processors = SamplingOptions(repetition_penalty=1.3).build()
     full = generate(model, tokenizer, PROMPT, max_tokens=40, logits_processors=processors)
     stop = full[12:15]
     assert len(stop) == 3
@@ -164,7 +164,7 @@ def test_stop_string_ends_generation_and_is_not_returned(tokenizer):
 )
 def test_bad_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        make_sampling(**kwargs)
+        SamplingOptions(**kwargs).build()
 
 
 def test_prompt_errors(model, tokenizer):

@@ -47,7 +47,7 @@ def generate(
     chat_template: ChatTemplateOption = None,
 ) -> None:
     """Continue a prompt; the speed report (tokens/s, peak memory) goes to stderr."""
-    options = {**locals(), "stop": stop or []}
+    options = _sampling({**locals(), "stop": stop or []})
     from ..generation import run
 
     _run(run, **options)
@@ -68,7 +68,15 @@ def chat(
     chat_template: ChatTemplateOption = None,
 ) -> None:
     """Chat with an OpenELM Instruct model (/reset, /exit; Ctrl-C stops a reply)."""
-    options = locals()
+    options = _sampling(locals())
     from ..chat import run
 
     _run(run, **options)
+
+
+def _sampling(options: dict) -> dict:
+    """The flat sampling options as the one `SamplingOptions` the library takes (checked there)."""
+    from ..prepare import SamplingOptions
+
+    fields = {k: options.pop(k) for k in SamplingOptions.__dataclass_fields__}
+    return {**options, "sampling": SamplingOptions(**fields)}

@@ -1,7 +1,7 @@
 """One sequence of the running batch: its KV cache, where its prompt stands, how it samples, and
 the text it has produced. A request with `n` choices over `p` prompts runs `n * p` of them.
 
-Sampling is `prepare.make_sampling`'s (mlx-lm's samplers and repetition penalty), text is
+Sampling is `prepare.SamplingOptions`' (mlx-lm's samplers and repetition penalty), text is
 `generate.TextStream`'s, so a sequence's tokens and text are `generate`'s for the same options.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..generation import TextStream
 from ..kv_cache import KVCache
-from ..prepare import make_sampling
+from ..prepare import SamplingOptions
 from ..tokenizer import Tokenizer
 
 
@@ -93,9 +93,8 @@ class Sequence:
         self.sampled = 0  # tokens sampled (one ahead of `generated` while a step computes)
         self.finished = False
         self.leader: Sequence | None = None  # a sibling choice that prefills the shared prompt
-        self.sampler, self.processors = make_sampling(
-            p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, tokenizer.vocab_size
-        )
+        sampling = SamplingOptions(p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
+        self.sampler, self.processors = sampling.build(tokenizer.vocab_size)
         eos = () if p.ignore_eos else None
         self.text = TextStream(tokenizer, p.stop, p.trim_space, eos=eos)
         self.matcher = p.grammar.matcher() if p.grammar is not None else None
