@@ -128,3 +128,64 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---- `bench-serve`: concurrent clients against servers ------------------------------------------
+
+
+def print_serve_report(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    s = report["settings"]
+    table = Table(
+        title=f"{report['model']} ({report['dtype']}) served: prompt {s['prompt_tokens']} tokens, "
+        f"{s['max_tokens']} out, {s['requests_per_client']} requests per client, streamed, "
+        f"median of {s['rounds']} round(s), servers alternating"
+    )
+    for col in ("server", "clients", "aggregate tok/s", "TTFT p50 / p95 ms", "ITL p50 / p95 ms"):
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for r in report["results"]:
+        table.add_row(
+            r["server"], str(r["clients"]), f"{r['aggregate_tok_s']:.1f}",
+            f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f}",
+            f"{r['itl_p50_ms']:.0f} / {r['itl_p95_ms']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    for ratio in report["ratios"]:
+        if "to" in ratio:
+            console.print(
+                f"{ratio['of']} / {ratio['to']} @ {ratio['clients']} clients: aggregate "
+                f"{ratio['aggregate']:.2f}x, TTFT p50 {ratio['ttft_p50']:.2f}x"
+            )
+        else:
+            console.print(f"{ratio['of']}: {ratio['scaling']}: {ratio['aggregate']:.2f}x")
+    m = report["machine"]
+    start = ", ".join(f"{x:.2f}" for x in m.get("load_average_start", []))
+    end = ", ".join(f"{x:.2f}" for x in m.get("load_average_end", []))
+    console.print(f"machine: {m['cpu']} x{m['cpu_count']}, MLX BLAS {m['mlx_blas']}; load "
+                  f"average at start {start}, at end {end}")  # fmt: skip
+
+
+def serve_plot(report: dict[str, Any], path: Path) -> None:
+    """Aggregate tok/s, TTFT p50 and ITL p50 against concurrent clients, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = (("aggregate_tok_s", "aggregate output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
+              ("itl_p50_ms", "inter-token latency p50 (ms)"))  # fmt: skip
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for server in dict.fromkeys(r["server"] for r in report["results"]):
+            rows = sorted((r["clients"], r[key]) for r in report["results"]
+                          if r["server"] == server)  # fmt: skip
+            ax.plot(*zip(*rows, strict=True), marker="o", label=server)
+        ax.set(xlabel="concurrent clients", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    s = report["settings"]
+    fig.suptitle(f"{report['model']} ({report['dtype']}) served: prompt {s['prompt_tokens']}, "
+                 f"{s['max_tokens']} out per request")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

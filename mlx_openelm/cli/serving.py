@@ -34,3 +34,30 @@ def serve(
     from ..serve import serve as run_server
 
     _run(run_server, **options)
+
+
+@app.command("bench-serve")
+def bench_serve(
+    model: Annotated[str, typer.Option(help="MLX model folder with its tokenizer (float weights)")],
+    q_bits: Annotated[
+        int | None, typer.Option(help="Serve it quantised: 4 or 8 (llama.cpp: q4_0 / q8_0)")
+    ] = None,
+    llama_cpp: Annotated[
+        str | None, typer.Option(help="llama.cpp's build/bin (llama-server): add its server")
+    ] = None,
+    mlx_lm: Annotated[bool, typer.Option(help="Add mlx_lm.server (slow on a CPU)")] = False,
+    clients: Annotated[str, typer.Option(help="Concurrent client counts, e.g. 1,4,8")] = "1,4,8",
+    requests: Annotated[int, typer.Option(help="Completions per client at each count")] = 2,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length of each request")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens of each request")] = 64,
+    rounds: Annotated[int, typer.Option(help="Rounds of every count on every server")] = 1,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    plot_path: Annotated[str | None, typer.Option("--plot", help="Write a PNG plot here")] = None,
+) -> None:
+    """Time concurrent streaming clients against our server, llama-server and mlx_lm.server on the
+    same weights, each started here (docs/serve.md)."""
+    options = locals()
+    from ..bench.serve_bench import bench_serve as run_bench
+
+    options["clients"] = [int(c) for c in clients.split(",") if c.strip()]
+    _run(run_bench, **options)

@@ -241,7 +241,7 @@ class Engine:
                     for b, s in enumerate(seqs)
                 ]
                 out = mx.concatenate([t for t, _ in rows_out])
-                want = [lp for s, (_, lp) in zip(seqs, rows_out) if s.job.params.logprobs is not None]
+                want = any(s.job.params.logprobs is not None for s in seqs)
                 logprobs = mx.concatenate([lp for _, lp in rows_out]) if want else None
         for s in seqs:
             s.sampled += 1
