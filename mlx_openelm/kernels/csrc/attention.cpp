@@ -1,7 +1,7 @@
 // Scaled dot-product attention with an online softmax, for prefill, decode and training.
 //
 // MLX's CPU fallback builds the full score matrix and runs exp one element at a time. Here a
-// decoding row keeps a block of scores per query head, exponentiates eight at a time, and serves
+// decoding row keeps a block of scores per query head, exponentiates a vector at a time, and serves
 // all the query heads of a GQA group from one pass over their key/value head; a prefill, and the
 // backward pass, work in tiles of query vectors (below).
 #include <algorithm>
@@ -19,16 +19,14 @@ constexpr int64_t BLOCK = 64;  // keys per softmax block
 constexpr int64_t SPAN = 256;  // keys per work unit when decoding (a multiple of BLOCK)
 
 inline float dot(const float* a, const float* b, int64_t n) {
+  using X = VecW;
   int64_t k = 0;
-  float s = 0;
-#ifdef OE_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; k + 16 <= n; k += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  auto acc0 = X::zero(), acc1 = X::zero();  // two chains, to hide the FMA latency
+  for (; k + 2 * X::N <= n; k += 2 * X::N) {
+    acc0 = X::fma(X::load(a + k), X::load(b + k), acc0);
+    acc1 = X::fma(X::load(a + k + X::N), X::load(b + k + X::N), acc1);
   }
-  s = hsum(_mm256_add_ps(acc0, acc1));
-#endif
+  float s = X::sum(X::add(acc0, acc1));
   for (; k < n; k++) s += a[k] * b[k];
   return s;
 }
@@ -36,29 +34,25 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // out[j] = scale * q . k[j] for n keys of stride ks; returns the largest.
 inline float scores(const float* q, const float* k, int64_t ks, int64_t n, int64_t hd, float scale,
                     float* out) {
+  using X = VecW;
   int64_t j = 0;
   float m = -std::numeric_limits<float>::infinity();
-#ifdef OE_AVX2
-  if (hd % 8 == 0) {
+  if (hd % X::N == 0) {
     // Four keys at once, their four sums reduced together.
     for (; j + 4 <= n; j += 4) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      auto a0 = X::zero(), a1 = a0, a2 = a0, a3 = a0;
       const float* kj = k + j * ks;
-      for (int64_t d = 0; d < hd; d += 8) {
-        const __m256 qd = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + d), a0);
-        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + ks + d), a1);
-        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + 2 * ks + d), a2);
-        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kj + 3 * ks + d), a3);
+      for (int64_t d = 0; d < hd; d += X::N) {
+        const auto qd = X::load(q + d);
+        a0 = X::fma(qd, X::load(kj + d), a0);
+        a1 = X::fma(qd, X::load(kj + ks + d), a1);
+        a2 = X::fma(qd, X::load(kj + 2 * ks + d), a2);
+        a3 = X::fma(qd, X::load(kj + 3 * ks + d), a3);
       }
-      __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-      __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
-                            _mm_set1_ps(scale));
-      _mm_storeu_ps(out + j, r);
-      m = std::max(m, std::max(std::max(out[j], out[j + 1]), std::max(out[j + 2], out[j + 3])));
+      X::sum4(a0, a1, a2, a3, out + j);
+      for (int i = 0; i < 4; i++) m = std::max(m, out[j + i] *= scale);
     }
   }
-#endif
   for (; j < n; j++) {
     out[j] = dot(q, k + j * ks, hd) * scale;
     m = std::max(m, out[j]);
@@ -68,67 +62,46 @@ inline float scores(const float* q, const float* k, int64_t ks, int64_t n, int64
 
 // p[j] = exp(p[j] - m), returns the sum.
 inline float exp_shift(float* p, int64_t n, float m) {
-  int64_t j = 0;
-  float sum = 0;
-#ifdef OE_AVX2
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
-    _mm256_storeu_ps(p + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = hsum(acc);
-#endif
-  for (; j < n; j++) {
-    p[j] = std::exp(p[j] - m);
-    sum += p[j];
-  }
-  return sum;
+  return sum_vec(n, [&]<class X>(X, int64_t j, typename X::V acc) {
+    const auto e = X::exp(X::sub(X::load(p + j), X::set(m)));
+    X::store(p + j, e);
+    return X::add(acc, e);
+  });
 }
 
-// acc[0:8R] = acc * c + sum_j p[j] v[j][0:8R], held in R registers over the n keys.
-#ifdef OE_AVX2
-template <int R>
-inline void accumulate_block(float* acc, __m256 cv, const float* p, const float* v, int64_t vs,
+// acc[0:R N] = acc * c + sum_j p[j] v[j][0:R N], held in R registers over the n keys.
+template <class X, int R>
+inline void accumulate_block(float* acc, float c, const float* p, const float* v, int64_t vs,
                              int64_t n) {
-  __m256 a[R];
-  for (int i = 0; i < R; i++) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), cv);
+  typename X::V a[R];
+  for (int i = 0; i < R; i++) a[i] = X::mul(X::load(acc + X::N * i), X::set(c));
   for (int64_t j = 0; j < n; j++) {
-    const float* vj = v + j * vs;
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int i = 0; i < R; i++) a[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), a[i]);
+    const auto pj = X::bcast(p + j);
+    for (int i = 0; i < R; i++) a[i] = X::fma(pj, X::load(v + j * vs + X::N * i), a[i]);
   }
-  for (int i = 0; i < R; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
+  for (int i = 0; i < R; i++) X::store(acc + X::N * i, a[i]);
 }
-#endif
 
-// acc = acc * c + sum_j p[j] v[j] over hd dimensions: 64 at a time in registers, then 32, then 8.
+// acc = acc * c + sum_j p[j] v[j] over hd dimensions: 8 vectors at a time in registers, then 4,
+// then 1.
 inline void accumulate(float* acc, float c, const float* p, const float* v, int64_t vs, int64_t n,
                        int64_t hd) {
-  int64_t d0 = 0;
-#ifdef OE_AVX2
-  const __m256 cv = _mm256_set1_ps(c);
-  for (; d0 + 64 <= hd; d0 += 64) accumulate_block<8>(acc + d0, cv, p, v + d0, vs, n);
-  for (; d0 + 32 <= hd; d0 += 32) accumulate_block<4>(acc + d0, cv, p, v + d0, vs, n);
-  for (; d0 + 8 <= hd; d0 += 8) accumulate_block<1>(acc + d0, cv, p, v + d0, vs, n);
+  using X = VecW;
+  int64_t d = 0;
+  for (; d + 8 * X::N <= hd; d += 8 * X::N) accumulate_block<X, 8>(acc + d, c, p, v + d, vs, n);
+  for (; d + 4 * X::N <= hd; d += 4 * X::N) accumulate_block<X, 4>(acc + d, c, p, v + d, vs, n);
+  for (; d + X::N <= hd; d += X::N) accumulate_block<X, 1>(acc + d, c, p, v + d, vs, n);
+#ifdef OE_AVX512
+  for (; d + 8 <= hd; d += 8) accumulate_block<Vec8, 1>(acc + d, c, p, v + d, vs, n);
 #endif
-  for (int64_t d = d0; d < hd; d++) {
-    float t = acc[d] * c;
-    for (int64_t j = 0; j < n; j++) t += p[j] * v[j * vs + d];
-    acc[d] = t;
-  }
+  for (; d < hd; d++) accumulate_block<Vec1, 1>(acc + d, c, p, v + d, vs, n);
 }
 
 // y += a * x over n floats.
 inline void axpy(float* y, float a, const float* x, int64_t n) {
-  int64_t d = 0;
-#ifdef OE_AVX2
-  const __m256 av = _mm256_set1_ps(a);
-  for (; d + 8 <= n; d += 8)
-    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-#endif
-  for (; d < n; d++) y[d] += a * x[d];
+  each_vec(n, [&]<class X>(X, int64_t d) {
+    X::store(y + d, X::fma(X::set(a), X::load(x + d), X::load(y + d)));
+  });
 }
 
 // ---- prefill and training: tiles of query vectors -------------------------------------------

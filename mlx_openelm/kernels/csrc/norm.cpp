@@ -136,23 +136,12 @@ class SiluGateGrad : public CpuPrimitive {
         for (int64_t r = r0; r < r1; r++) {
           const float *a = xp + r * 2 * F, *b = a + F, *gr = gp + r * F;
           float *da = op + r * 2 * F, *db = da + F;
-          int64_t k = 0;
-#ifdef OE_AVX2
-          const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-          for (; k + 8 <= F; k += 8) {
-            __m256 av = _mm256_loadu_ps(a + k), gv = _mm256_loadu_ps(gr + k);
-            __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, av))));
-            __m256 gs = _mm256_mul_ps(gv, sig);
-            __m256 t = _mm256_fmadd_ps(av, _mm256_sub_ps(one, sig), one);
-            _mm256_storeu_ps(da + k, _mm256_mul_ps(_mm256_mul_ps(gs, _mm256_loadu_ps(b + k)), t));
-            _mm256_storeu_ps(db + k, _mm256_mul_ps(gs, av));
-          }
-#endif
-          for (; k < F; k++) {
-            const float sig = 1.0f / (1.0f + std::exp(-a[k])), gs = gr[k] * sig;
-            da[k] = gs * b[k] * (1.0f + a[k] * (1.0f - sig));
-            db[k] = gs * a[k];
-          }
+          each_vec(F, [&]<class X>(X, int64_t k) {
+            const auto av = X::load(a + k), sig = sigmoid<X>(av), gs = X::mul(X::load(gr + k), sig);
+            const auto t = X::fma(av, X::sub(X::set(1.0f), sig), X::set(1.0f));
+            X::store(da + k, X::mul(X::mul(gs, X::load(b + k)), t));
+            X::store(db + k, X::mul(gs, av));
+          });
         }
       });
     });
