@@ -244,10 +244,13 @@ def bench_serve(
     info = machine_info()
     config = json.loads((folder / "config.json").read_text())
     vocab = min(config["vocab_size"], _tokenizer_size(folder))
-    # Its own ids per request, so that no prompt cache serves one; 3..: no unk/bos/eos.
+    # Its own ids per request in every round, so that no prompt cache serves one (the servers
+    # of a round get the same ones); 3..: no unk/bos/eos.
     rng = np.random.default_rng(seed)
-    batches = {n: [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(n * requests)]
-               for n in clients}  # fmt: skip
+    draw = lambda: rng.integers(3, vocab, prompt_tokens).tolist()  # noqa: E731
+    batches = {
+        (r, n): [draw() for _ in range(n * requests)] for r in range(rounds) for n in clients
+    }
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mlx-openelm-serve-bench-") as tmp, ExitStack() as st:
         tmp = Path(tmp)
@@ -268,7 +271,8 @@ def bench_serve(
             port = _free_port()
             context = slots * (prompt_tokens + max_tokens + 64)  # split among the slots
             cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                   "-np", str(slots), "-c", str(context), "-t", str(threads), "-tb", str(threads)]  # fmt: skip
+                   "-np", str(slots), "-c", str(context),
+                   "-t", str(threads), "-tb", str(threads)]  # fmt: skip
             urls[SERVERS[1]] = st.enter_context(server(SERVERS[1], cmd, port, tmp))
             prompt_of[SERVERS[1]] = lambda ids: ids
         if mlx_lm:
@@ -280,13 +284,13 @@ def bench_serve(
             urls[SERVERS[2]] = st.enter_context(server(SERVERS[2], cmd, port, tmp))
             prompt_of[SERVERS[2]] = tokenizer.decode  # it takes text only
         ids = {name: _model_id(url) for name, url in urls.items()}
-        warm = rng.integers(3, vocab, prompt_tokens).tolist()  # a prompt no request shares
+        warm = draw()  # a prompt no request shares
         for name, url in urls.items():  # warm up: first requests build and allocate
             one_request(url, ids[name], prompt_of[name](warm), 4)
         for r in range(rounds):
             for n in clients:
                 for name, url in urls.items():
-                    prompts = [prompt_of[name](p) for p in batches[n]]
+                    prompts = [prompt_of[name](p) for p in batches[r, n]]
                     row = {"server": name, "round": r, **run_clients(url, ids[name], prompts, n,
                                                                      max_tokens)}  # fmt: skip
                     print(f"  round {r + 1}: {name}, {n} clients: {row['aggregate_tok_s']:.1f} "

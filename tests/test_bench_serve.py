@@ -11,8 +11,9 @@ from mlx_openelm.cli import app
 def test_the_command_forwards_its_options(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(serve_bench, "bench_serve", lambda **kw: seen.update(kw))
-    r = CliRunner().invoke(app, ["bench-serve", "--model", str(tmp_path), "--q-bits", "4",
-                                 "--clients", "1,8", "--llama-cpp", "/x/bin", "--json", "r.json"])  # fmt: skip
+    args = ["bench-serve", "--model", str(tmp_path), "--q-bits", "4", "--clients", "1,8",
+            "--llama-cpp", "/x/bin", "--json", "r.json"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert seen["clients"] == [1, 8] and seen["q_bits"] == 4 and seen["llama_cpp"] == "/x/bin"
     assert seen["json_path"] == "r.json" and not seen["mlx_lm"]
@@ -25,7 +26,8 @@ def test_a_folder_without_config_is_one_line_and_exit_1(tmp_path):
 
 def row(server, clients, tok_s, ttft, rnd=0):
     return {"server": server, "clients": clients, "round": rnd, "aggregate_tok_s": tok_s,
-            "ttft_p50_ms": ttft, "ttft_p95_ms": ttft, "itl_p50_ms": 1.0, "itl_p95_ms": 2.0}  # fmt: skip
+            "ttft_p50_ms": ttft, "ttft_p95_ms": ttft,
+            "itl_p50_ms": 1.0, "itl_p95_ms": 2.0}  # fmt: skip
 
 
 def test_rounds_give_medians_and_ratios():

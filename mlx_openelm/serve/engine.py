@@ -199,6 +199,7 @@ class Engine:
         if pending is not None and not all(s.pipelined for s in seqs):
             self._read(pending)
             pending = None
+            seqs = [s for s in seqs if not s.finished]
         # Rows whose pending token is their last are done: no step past it for them.
         last = {id(s) for s in pending.seqs if s.generated + 1 >= s.job.params.max_tokens} \
             if pending is not None else set()  # fmt: skip
