@@ -173,6 +173,66 @@ def test_log_softmax_matches_mlx(shape):
     close(*both(mx.grad(loss), normal(*shape, seed=12)))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])  # of the scales
+@pytest.mark.parametrize("rows", [5, 37])  # above MAX_ROWS: the dequantized product
+def test_quantized_product_gradient_matches_mlx(bits, group_size, dtype, rows):
+    # dx's kernel takes w in tiles of 256 rows by 64 columns and dx in blocks of 6 rows: 300 and
+    # 352 (group 32) leave partial tiles, 5 and 37 rows partial blocks.
+    k, n = 11 * group_size, 300
+    layer = nn.Linear(k, n, bias=False)
+    layer.weight = (normal(n, k, seed=7) * k**-0.5).astype(dtype)
+    layer = nn.QuantizedLinear.from_linear(layer, group_size=group_size, bits=bits)
+    layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    dy = normal(1, rows, n, seed=8)
+
+    def loss(x, scales, biases):
+        layer.scales, layer.biases = scales, biases
+        return (kernels.linear(layer, x) * dy).sum()
+
+    grads = mx.grad(loss, argnums=(0, 1, 2))
+    (dx, ds, db), (dx_ref, ds_ref, db_ref) = both(grads, normal(1, rows, k), layer.scales,
+                                                  layer.biases)  # fmt: skip
+    close(dx, dx_ref)
+    rtol = RTOL if dtype == mx.float32 else 1e-2  # 16-bit gradients, rounded in another order
+    close(ds, ds_ref, rtol)
+    close(db, db_ref, rtol)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # of the scales
+def test_quantized_linear_grad_matches_dy_times_the_dequantized_weight(bits, dtype):
+    # w goes in tiles of 256 rows: 300 leaves a partial one.
+    k, n = 640, 300
+    q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), 64, bits)
+    q.scales, q.biases = q.scales.astype(dtype), q.biases.astype(dtype)
+    dy = normal(3, 11, n, seed=11)
+    fast = kernels._ext.quantized_linear_grad(dy, q.weight, q.scales, q.biases, 64, bits)
+    # MLX's own dy @ w: quantized_matmul untransposed (mx.dequantize rounds to the scales' type)
+    close(fast, mx.quantized_matmul(dy, q.weight, q.scales, q.biases, False, 64, bits))
+
+
+def test_lora_base_products_go_through_the_kernels():
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+
+    q = nn.QuantizedLinear.from_linear(nn.Linear(256, 96, bias=False), 64, 4)
+    lora = LoRALinear.from_base(q, r=8, scale=2.0)
+    lora.lora_b = normal(8, 96, seed=9) * 0.1
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(500, 256), 64, 4)
+    head = LoRAEmbedding.from_base(emb, r=8, scale=2.0)
+    head.lora_b = normal(8, 256, seed=10) * 0.1
+    x = normal(1, 9, 256)
+    close(*both(kernels.linear, lora, x))
+    close(*both(kernels.embedding_as_linear, head, x))
+    for layer, fn in ((lora, kernels.linear), (head, kernels.embedding_as_linear)):
+        grad = nn.value_and_grad(layer, lambda x, layer=layer, fn=fn: fn(layer, x).sum())
+        (fast, g), (ref, g_ref) = both(grad, x)
+        close(fast, ref)
+        close(g["lora_a"], g_ref["lora_a"])
+        close(g["lora_b"], g_ref["lora_b"])
+
+
 def test_quantized_tied_head_matches_mlx():
     emb = nn.Embedding(1000, 256)
     emb.weight = normal(1000, 256, seed=3) * 0.1

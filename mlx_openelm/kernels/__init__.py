@@ -139,23 +139,22 @@ def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
 @functools.cache
 def _dequantized_product(group_size: int, bits: int) -> Any:
     """x @ dequantize(w).T for many rows (prefill, training): the dequantize kernel, then one
-    sgemm, both ways. Its vjp dequantizes again rather than keep the forward's float32 weights
-    until the backward pass (a quantized model's training would then peak at a float one's), and
-    gives dx by sgemm, where MLX's own vjp (quantized_matmul's) is its scalar loop: QLoRA on a CPU
-    ran 30x slower than LoRA."""
-
-    def weight(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return _ext.dequantize(w, scales, biases, group_size, bits)
+    sgemm. Its vjp's dx is a kernel (csrc/quantized_grad.cpp: w dequantized a tile at a time, each
+    tile through sgemm), where MLX's own (quantized_matmul's) is its scalar loop: QLoRA on a CPU
+    ran 30x slower than LoRA. Nor does it keep the forward's float32 weights for the backward
+    pass, as matmul's vjp would: a quantized model's training would then peak at a float one's."""
 
     @mx.custom_function
     def product(x, w, scales, biases):
-        return x @ weight(w, scales, biases).T
+        # Dequantized once x is computed: MLX would else dequantize every layer up front.
+        w, scales, biases = mx.depends([w, scales, biases], [x])
+        return x @ _ext.dequantize(w, scales, biases, group_size, bits).T
 
     @product.vjp
     def product_vjp(primals, dy, _):
         x, w, scales, biases = primals
         K = x.shape[-1]
-        dx = dy @ weight(w, scales, biases)
+        dx = _ext.quantized_linear_grad(dy, w, scales, biases, group_size, bits)
         # The scales' and biases' gradients, lazy: a LoRA step never evaluates them.
         dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, K)
         _, (ds, db) = mx.vjp(

@@ -23,6 +23,11 @@ mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::arr
                            const std::optional<mx::array>& residual = std::nullopt,
                            mx::StreamOrDevice s = {});
 
+// dy (..., N) @ dequantize(w) -> (..., K): the gradient of x in x @ dequantize(w).T (many rows).
+mx::array quantized_linear_grad(const mx::array& dy, const mx::array& w, const mx::array& scales,
+                                const mx::array& biases, int group_size, int bits,
+                                mx::StreamOrDevice s = {});
+
 // MLX's affine quantized w as float32 (N, K).
 mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
                      int group_size, int bits, mx::StreamOrDevice s = {});
