@@ -89,17 +89,7 @@ def lora(
     except TypeError as e:
         raise UserError(f"unknown training option: {e}") from None
     adapter_path = Path(adapter_path)
-
-    def check_folder() -> None:
-        if resume and latest_checkpoint(adapter_path) is None:
-            raise FileNotFoundError(f"nothing to resume: {adapter_path} has no checkpoint")
-        if not resume and (adapter_path / ADAPTERS).exists():
-            raise FileExistsError(
-                f"{adapter_path} already holds adapters: pass --resume to continue, "
-                "or choose another --adapter-path"
-            )
-
-    check_on_rank0(check_folder)  # the other machines need not see `adapter_path`
+    check_on_rank0(lambda: _check_folder(adapter_path, resume))  # others need not see it
     # Validate every data line before loading the model or writing anything.
     splits = load_data_folder(data, require_valid=args.steps_per_eval > 0)
     folder = hub.resolve(model, allow_patterns=PATTERNS)
@@ -110,13 +100,7 @@ def lora(
     val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length, template)
     if not train_set:
         raise UserError(f"{data}/train.jsonl has no example with a target left to learn")
-    if epochs is not None:
-        per_step = args.batch_size * args.grad_accumulation_steps
-        args = replace(args, iters=max(1, math.ceil(epochs * len(train_set) / per_step)))
-    if warmup is None:
-        args = replace(args, warmup_steps=min(MAX_WARMUP, args.iters // 10))
-    else:
-        args = replace(args, warmup_steps=warmup)  # checked against the final iters
+    args = _schedule(args, epochs, warmup, len(train_set))
     notes = [f"{v} training examples {k}" for k, v in stats.items() if v]
     notes.append(
         f"{args.iters} steps, warm-up {args.warmup_steps}"
@@ -130,18 +114,8 @@ def lora(
         n_layers, dora=dora, rank=rank, alpha=alpha, dropout=dropout, targets=targets
     )
 
-    def check_options() -> None:
-        if not (resume and (adapter_path / ADAPTER_CONFIG).is_file()):
-            return
-        saved = read_json(adapter_path / ADAPTER_CONFIG)
-        if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
-            raise UserError(
-                f"{adapter_path} was trained with other LoRA options "
-                f"({saved.get('fine_tune_type')}, rank {saved['lora_parameters']['rank']}, "
-                f"targets {saved.get('targets')}): resume with the same ones"
-            )
-
-    check_on_rank0(check_options)
+    if resume:
+        check_on_rank0(lambda: _check_same_options(adapter_path, config))
     mx.random.seed(args.seed)  # the adapters' initial A matrices
     apply_lora(base, config)
     trainable = sum(v.size for _, v in tree_flatten(base.trainable_parameters()))
@@ -169,6 +143,41 @@ def lora(
         resume=resume,
         progress=progress,
     )
+
+
+def _check_folder(adapter_path: Path, resume: bool) -> None:
+    if resume and latest_checkpoint(adapter_path) is None:
+        raise FileNotFoundError(f"nothing to resume: {adapter_path} has no checkpoint")
+    if not resume and (adapter_path / ADAPTERS).exists():
+        raise FileExistsError(
+            f"{adapter_path} already holds adapters: pass --resume to continue, "
+            "or choose another --adapter-path"
+        )
+
+
+def _schedule(
+    args: TrainingArgs, epochs: float | None, warmup: int | None, examples: int
+) -> TrainingArgs:
+    """`epochs` sets the steps; without a warm-up it is 10% of them, at most MAX_WARMUP."""
+    if epochs is not None:
+        per_step = args.batch_size * args.grad_accumulation_steps
+        args = replace(args, iters=max(1, math.ceil(epochs * examples / per_step)))
+    if warmup is None:
+        return replace(args, warmup_steps=min(MAX_WARMUP, args.iters // 10))
+    return replace(args, warmup_steps=warmup)  # checked against the final iters
+
+
+def _check_same_options(adapter_path: Path, config: dict[str, Any]) -> None:
+    """A run resumes with the LoRA options it started with."""
+    if not (adapter_path / ADAPTER_CONFIG).is_file():
+        return
+    saved = read_json(adapter_path / ADAPTER_CONFIG)
+    if {k: saved.get(k) for k in config} != json.loads(json.dumps(config)):
+        raise UserError(
+            f"{adapter_path} was trained with other LoRA options "
+            f"({saved.get('fine_tune_type')}, rank {saved['lora_parameters']['rank']}, "
+            f"targets {saved.get('targets')}): resume with the same ones"
+        )
 
 
 def fuse(
