@@ -32,8 +32,9 @@ from .._cpuinfo import cpuinfo
 log = logging.getLogger(__name__)
 
 MODULE = "_openelm_kernels"
-SOURCES = ["linear.cpp", "quantized_grad.cpp", "norm.cpp", "attention.cpp",
-           "attention_backward.cpp", "kv_cache.cpp", "loss.cpp", "bindings.cpp"]  # fmt: skip
+SOURCES = ["linear.cpp", "quantized_linear.cpp", "quantized_grad.cpp", "norm.cpp",
+           "attention.cpp", "attention_backward.cpp", "kv_cache.cpp", "loss.cpp",
+           "bindings.cpp"]  # fmt: skip
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-march=native", "-fopenmp",
          "-DNDEBUG", "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]  # fmt: skip

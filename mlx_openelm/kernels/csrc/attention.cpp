@@ -222,16 +222,13 @@ Reference attention_reference(float scale, bool causal, mx::Stream s) {
   };
 }
 
-class Attention : public CpuPrimitive {
+class Attention : public Kernel<Attention> {
  public:
   Attention(mx::Stream s, float scale, bool causal)
-      : CpuPrimitive(s, attention_reference(scale, causal, s)),
+      : Kernel(s, attention_reference(scale, causal, s)),
         scale_(scale), causal_(causal) {}
   const char* name() const override { return "OpenELMAttention"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
+  auto state() const { return std::tuple(scale_, causal_); }
 
   // The backward pass is a kernel too (attention_backward.cpp).
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,

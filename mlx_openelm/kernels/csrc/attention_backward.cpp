@@ -119,25 +119,19 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
 
 // dq, dk, dv of Attention from q, k, v, its output o (B, L, nq, hd) and o's cotangent g, in
 // attention's tiles (attend_grad_tiles).
-class AttentionGrad : public CpuPrimitive {
+class AttentionGrad : public Kernel<AttentionGrad> {
  public:
   AttentionGrad(mx::Stream s, float scale, bool causal)
-      : CpuPrimitive(s, backward_reference(attention_reference(scale, causal, s), 3, 3)),
+      : Kernel(s, backward_reference(attention_reference(scale, causal, s), 3, 3)),
         scale_(scale), causal_(causal) {}
   const char* name() const override { return "OpenELMAttentionGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const AttentionGrad&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
+  auto state() const { return std::tuple(scale_, causal_); }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
-    auto q = row_contiguous(inputs[0], enc);
-    auto k = row_contiguous(inputs[1], enc);
-    auto v = row_contiguous(inputs[2], enc);
-    auto o = row_contiguous(inputs[3], enc);
-    auto g = row_contiguous(inputs[4], enc);
-    for (auto& a : outputs) alloc(a);
+    const auto in = row_major(inputs, enc);
+    const auto &q = in[0], &k = in[1], &v = in[2], &o = in[3], &g = in[4];
+    alloc(outputs);
     const int64_t B = q.shape(0), nq = q.shape(1), L = q.shape(2), hd = q.shape(3);
     const int64_t nkv = k.shape(1), S = k.shape(2);
     enc.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(),

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -83,6 +84,20 @@ class CpuPrimitive : public mx::Primitive {
   Reference reference_;
 };
 
+// A kernel whose parameters its state() gives as a tuple (as MLX's own primitives do): two nodes
+// are equivalent, and may be merged by mx.compile, when those are equal. None: always.
+template <class Self>
+class Kernel : public CpuPrimitive {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  bool is_equivalent(const mx::Primitive& other) const override {
+    if constexpr (requires(const Self& k) { k.state(); })
+      return static_cast<const Self&>(*this).state() == static_cast<const Self&>(other).state();
+    else
+      return true;
+  }
+};
+
 // The reference of a backward kernel whose inputs are the forward's `n_inputs` inputs, anything
 // else it needs, and last the cotangent: the vjp of `forward` in its first `n_wrt` inputs.
 inline Reference backward_reference(Reference forward, int n_inputs, int n_wrt) {
@@ -107,6 +122,10 @@ inline void alloc(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 }
 
+inline void alloc(std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) alloc(out);
+}
+
 // Row-major data of `a`: `a` itself when it is, else a copy (a task queued on the stream ahead of
 // the caller's, kept alive by the encoder).
 inline mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& enc) {
@@ -128,6 +147,14 @@ inline mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& enc
   });
   enc.add_temporary(c);
   return c;
+}
+
+// All of `inputs` row-major (row_contiguous each).
+inline std::vector<mx::array> row_major(const std::vector<mx::array>& inputs,
+                                        mx::cpu::CommandEncoder& enc) {
+  std::vector<mx::array> in;
+  for (const auto& a : inputs) in.push_back(row_contiguous(a, enc));
+  return in;
 }
 
 // Run f(begin, end) over [0, n) on the OpenMP team, in a few chunks per thread taken as threads

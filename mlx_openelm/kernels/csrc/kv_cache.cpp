@@ -14,10 +14,10 @@ namespace oe {
 // it), and CachedAttention prepares q itself and attends over kv's first offset + L rows.
 
 // Inputs: kv, qkv, inv_freqs (the reference makes its own from base), and the k-norm weight.
-class KVWrite : public CpuPrimitive {
+class KVWrite : public Kernel<KVWrite> {
  public:
   KVWrite(mx::Stream s, int nq, int nkv, bool k_norm, float eps, float base, int offset)
-      : CpuPrimitive(s,
+      : Kernel(s,
                      [=](const std::vector<mx::array>& in) {
                        auto h = split_heads_reference(in[1], nq, nkv, nullptr,
                                                       k_norm ? &in[3] : nullptr, eps, base, offset, s);
@@ -29,11 +29,7 @@ class KVWrite : public CpuPrimitive {
                      }),
         nq_(nq), nkv_(nkv), k_norm_(k_norm), eps_(eps), base_(base), offset_(offset) {}
   const char* name() const override { return "OpenELMKVWrite"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const KVWrite&>(other);
-    return nq_ == o.nq_ && nkv_ == o.nkv_ && k_norm_ == o.k_norm_ && eps_ == o.eps_ &&
-           base_ == o.base_ && offset_ == o.offset_;
-  }
+  auto state() const { return std::tuple(nq_, nkv_, k_norm_, eps_, base_, offset_); }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -82,11 +78,11 @@ class KVWrite : public CpuPrimitive {
 };
 
 // Inputs: qkv, kv (after this step's KVWrite), inv_freqs, and the q-norm weight.
-class CachedAttention : public CpuPrimitive {
+class CachedAttention : public Kernel<CachedAttention> {
  public:
   CachedAttention(mx::Stream s, int nq, int nkv, bool q_norm, float eps, float base, int offset,
                   float scale)
-      : CpuPrimitive(s,
+      : Kernel(s,
                      [=](const std::vector<mx::array>& in) {
                        auto q = split_heads_reference(in[0], nq, nkv, q_norm ? &in[3] : nullptr,
                                                       nullptr, eps, base, offset, s)[0];
@@ -104,11 +100,7 @@ class CachedAttention : public CpuPrimitive {
         nq_(nq), nkv_(nkv), q_norm_(q_norm), eps_(eps), base_(base), offset_(offset),
         scale_(scale) {}
   const char* name() const override { return "OpenELMCachedAttention"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const CachedAttention&>(other);
-    return nq_ == o.nq_ && nkv_ == o.nkv_ && q_norm_ == o.q_norm_ && eps_ == o.eps_ &&
-           base_ == o.base_ && offset_ == o.offset_ && scale_ == o.scale_;
-  }
+  auto state() const { return std::tuple(nq_, nkv_, q_norm_, eps_, base_, offset_, scale_); }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());

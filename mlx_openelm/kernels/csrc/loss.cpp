@@ -43,19 +43,15 @@ Reference cross_entropy_reference(mx::Stream s) {
 // d loss / d logits = g (softmax(logits) - onehot(target)), row by row. The forward's loss gives
 // the softmax's shift (max + log-sum-exp = loss + logits[target]), so this is one pass per row.
 // Inputs: logits, targets, the forward's loss, the cotangent; the reference ignores the loss.
-class CrossEntropyGrad : public CpuPrimitive {
+class CrossEntropyGrad : public Kernel<CrossEntropyGrad> {
  public:
   explicit CrossEntropyGrad(mx::Stream s)
-      : CpuPrimitive(s, backward_reference(cross_entropy_reference(s), 2, 1)) {}
+      : Kernel(s, backward_reference(cross_entropy_reference(s), 2, 1)) {}
   const char* name() const override { return "OpenELMCrossEntropyGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
-    auto x = row_contiguous(inputs[0], enc);
-    auto t = row_contiguous(inputs[1], enc);
-    auto loss = row_contiguous(inputs[2], enc);
-    auto g = row_contiguous(inputs[3], enc);
+    const auto in = row_major(inputs, enc);
+    const auto &x = in[0], &t = in[1], &loss = in[2], &g = in[3];
     auto& out = outputs[0];
     alloc(out);
     const int64_t V = x.shape(-1), N = x.size() / V;
@@ -79,13 +75,11 @@ class CrossEntropyGrad : public CpuPrimitive {
 };
 
 // logsumexp(logits) - logits[target] per row.
-class CrossEntropy : public CpuPrimitive {
+class CrossEntropy : public Kernel<CrossEntropy> {
  public:
   explicit CrossEntropy(mx::Stream s)
-      : CpuPrimitive(s, cross_entropy_reference(s)) {}
+      : Kernel(s, cross_entropy_reference(s)) {}
   const char* name() const override { return "OpenELMCrossEntropy"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
                                      const std::vector<mx::array>& cotangents,
                                      const std::vector<mx::array>& outputs) override {
@@ -115,16 +109,14 @@ class CrossEntropy : public CpuPrimitive {
 };
 
 // x - logsumexp(x) over the last axis.
-class LogSoftmax : public CpuPrimitive {
+class LogSoftmax : public Kernel<LogSoftmax> {
  public:
   explicit LogSoftmax(mx::Stream s)
-      : CpuPrimitive(s, [s](const std::vector<mx::array>& in) {
+      : Kernel(s, [s](const std::vector<mx::array>& in) {
           return std::vector<mx::array>{
               mx::subtract(in[0], mx::logsumexp(in[0], -1, true, s), s)};
         }) {}
   const char* name() const override { return "OpenELMLogSoftmax"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     auto x = row_contiguous(inputs[0], enc);

@@ -35,20 +35,18 @@ static Reference rms_norm_reference(mx::Stream s, float eps) {
 
 // d x and d weight of RMSNorm from x, weight and the cotangent (`rms_row_backward` per row,
 // d weight summed by `sum_over_rows`).
-class RMSNormGrad : public CpuPrimitive {
+class RMSNormGrad : public Kernel<RMSNormGrad> {
  public:
   RMSNormGrad(mx::Stream s, float eps)
-      : CpuPrimitive(s, backward_reference(rms_norm_reference(s, eps), 2, 2)), eps_(eps) {}
+      : Kernel(s, backward_reference(rms_norm_reference(s, eps), 2, 2)), eps_(eps) {}
   const char* name() const override { return "OpenELMRMSNormGrad"; }
-  bool is_equivalent(const mx::Primitive& o) const override {
-    return eps_ == static_cast<const RMSNormGrad&>(o).eps_;
-  }
+  auto state() const { return std::tuple(eps_); }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
-    auto x = row_contiguous(inputs[0], enc), w = row_contiguous(inputs[1], enc),
-         g = row_contiguous(inputs[2], enc);
-    for (auto& o : outputs) alloc(o);
+    const auto in = row_major(inputs, enc);
+    const auto &x = in[0], &w = in[1], &g = in[2];
+    alloc(outputs);
     const int64_t D = x.shape(-1), rows = x.size() / D;
     enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), gp = g.data<float>(),
                   dxp = outputs[0].data<float>(), dwp = outputs[1].data<float>(), D, rows,
@@ -64,13 +62,11 @@ class RMSNormGrad : public CpuPrimitive {
   float eps_;
 };
 
-class RMSNorm : public CpuPrimitive {
+class RMSNorm : public Kernel<RMSNorm> {
  public:
-  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s, rms_norm_reference(s, eps)), eps_(eps) {}
+  RMSNorm(mx::Stream s, float eps) : Kernel(s, rms_norm_reference(s, eps)), eps_(eps) {}
   const char* name() const override { return "OpenELMRMSNorm"; }
-  bool is_equivalent(const mx::Primitive& o) const override {
-    return eps_ == static_cast<const RMSNorm&>(o).eps_;
-  }
+  auto state() const { return std::tuple(eps_); }
 
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
                                      const std::vector<mx::array>& cotangents,
@@ -117,13 +113,11 @@ static Reference silu_gate_reference(mx::Stream s) {
 
 // d/dx of silu(a) * b, for x = [a, b] and the cotangent g: [g b s (1 + a (1 - s)), g a s] with
 // s = sigmoid(a). MLX's own backward runs the sigmoid and its products one element at a time.
-class SiluGateGrad : public CpuPrimitive {
+class SiluGateGrad : public Kernel<SiluGateGrad> {
  public:
   explicit SiluGateGrad(mx::Stream s)
-      : CpuPrimitive(s, backward_reference(silu_gate_reference(s), 1, 1)) {}
+      : Kernel(s, backward_reference(silu_gate_reference(s), 1, 1)) {}
   const char* name() const override { return "OpenELMSiluGateGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     auto x = row_contiguous(inputs[0], enc);
@@ -148,13 +142,11 @@ class SiluGateGrad : public CpuPrimitive {
   }
 };
 
-class SiluGate : public CpuPrimitive {
+class SiluGate : public Kernel<SiluGate> {
  public:
   explicit SiluGate(mx::Stream s)
-      : CpuPrimitive(s, silu_gate_reference(s)) {}
+      : Kernel(s, silu_gate_reference(s)) {}
   const char* name() const override { return "OpenELMSiluGate"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
                                      const std::vector<mx::array>& cotangents,
                                      const std::vector<mx::array>&) override {
@@ -219,11 +211,11 @@ static Reference attention_inputs_reference(mx::Stream s, int nq, int nkv, bool 
 // The gradients of AttentionInputs: d qkv, and d q_weight, d k_weight when there are norms. Inputs:
 // the forward's, then the cotangents of q, k and v. Per head row: RoPE's rotation backwards, then
 // RMSNorm's backward; the weights' gradients are summed by `sum_over_rows`.
-class AttentionInputsGrad : public CpuPrimitive {
+class AttentionInputsGrad : public Kernel<AttentionInputsGrad> {
  public:
   AttentionInputsGrad(mx::Stream s, Reference forward, int nq, int nkv, bool qk_norm, float eps,
                       int offset)
-      : CpuPrimitive(s, [forward, qk_norm](const std::vector<mx::array>& in) {
+      : Kernel(s, [forward, qk_norm](const std::vector<mx::array>& in) {
           // In qkv and the norm weights; inv_freqs (input 1) is a constant.
           const size_t n = qk_norm ? 4 : 2;
           return vjp_in(forward, {in.begin(), in.begin() + n},
@@ -232,18 +224,13 @@ class AttentionInputsGrad : public CpuPrimitive {
         }),
         nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), offset_(offset) {}
   const char* name() const override { return "OpenELMAttentionInputsGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const AttentionInputsGrad&>(other);
-    return nq_ == o.nq_ && nkv_ == o.nkv_ && qk_norm_ == o.qk_norm_ && eps_ == o.eps_ &&
-           offset_ == o.offset_;
-  }
+  auto state() const { return std::tuple(nq_, nkv_, qk_norm_, eps_, offset_); }
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     const size_t n = qk_norm_ ? 4 : 2;
-    std::vector<mx::array> in;
-    for (auto& a : inputs) in.push_back(row_contiguous(a, enc));
-    for (auto& o : outputs) alloc(o);
+    const auto in = row_major(inputs, enc);
+    alloc(outputs);
     const int64_t B = in[0].shape(0), L = in[0].shape(1), H = in[0].shape(2), hd = in[0].shape(3);
     enc.dispatch([src = in[0].data<float>(), fp = in[1].data<float>(),
                   qwp = qk_norm_ ? in[2].data<float>() : nullptr,
@@ -300,17 +287,13 @@ class AttentionInputsGrad : public CpuPrimitive {
   int offset_;
 };
 
-class AttentionInputs : public CpuPrimitive {
+class AttentionInputs : public Kernel<AttentionInputs> {
  public:
   AttentionInputs(mx::Stream s, int nq, int nkv, bool qk_norm, float eps, float base, int offset)
-      : CpuPrimitive(s, attention_inputs_reference(s, nq, nkv, qk_norm, eps, base, offset)),
+      : Kernel(s, attention_inputs_reference(s, nq, nkv, qk_norm, eps, base, offset)),
         nq_(nq), nkv_(nkv), qk_norm_(qk_norm), eps_(eps), base_(base), offset_(offset) {}
   const char* name() const override { return "OpenELMAttentionInputs"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const AttentionInputs&>(other);
-    return nq_ == o.nq_ && nkv_ == o.nkv_ && qk_norm_ == o.qk_norm_ && eps_ == o.eps_ &&
-           base_ == o.base_ && offset_ == o.offset_;
-  }
+  auto state() const { return std::tuple(nq_, nkv_, qk_norm_, eps_, base_, offset_); }
 
   std::vector<mx::array> grad_kernel(const std::vector<mx::array>& primals,
                                      const std::vector<mx::array>& cotangents,
@@ -338,7 +321,7 @@ class AttentionInputs : public CpuPrimitive {
       qw = row_contiguous(inputs[2], enc);
       kw = row_contiguous(inputs[3], enc);
     }
-    for (auto& o : outputs) alloc(o);
+    alloc(outputs);
     const int64_t B = qkv.shape(0), L = qkv.shape(1), H = qkv.shape(2), hd = qkv.shape(3);
     enc.dispatch([src = qkv.data<float>(), fp = freqs.data<float>(),
                   qwp = qw ? qw->data<float>() : nullptr, kwp = kw ? kw->data<float>() : nullptr,

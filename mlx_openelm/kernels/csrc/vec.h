@@ -192,10 +192,7 @@ struct VecP {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V mul(V a, V b) { return a * b; }
   static V div(V a, V b) { return a / b; }
-  static V max(V a, V b) {
-    for (int i = 0; i < 8; i++) a[i] = std::max(a[i], b[i]);
-    return a;
-  }
+  static V max(V a, V b) { return a > b ? a : b; }
   static V sub(V a, V b) { return a - b; }
   static V add(V a, V b) { return a + b; }
   static V exp(V a) {

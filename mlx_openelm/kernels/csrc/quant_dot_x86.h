@@ -1,0 +1,264 @@
+// The one-row 4- and 8-bit products in integer dot products (VNNI, or AVX2's maddubs for 4-bit):
+// x split into int8 pieces, each 32-element block's products summed as integers. Per instruction
+// set, as ggml's arch/x86/quants.c: the float code of the other kernels is written once over VecW
+// (vec.h), these are not.
+#pragma once
+
+#include "quantized.h"
+
+namespace oe {
+
+#ifdef OE_INT8_DOT
+#ifdef OE_VNNI
+inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u8, s8);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u8, s8);
+#endif
+}
+#endif
+
+// Each 32-bit lane's sum of its four u8 x s8 byte products, for two pairs of operands: the 4-bit
+// product's low nibbles against x's even elements and high nibbles against its odd ones. Plain
+// AVX2 has no dpbusd; maddubs + madd (llama.cpp's q4_0 route) give the same integers here, since
+// nibbles (<= 15) times pieces (|p| <= 127) cannot reach maddubs' int16 saturation: the two pair
+// sums add to at most 4 * 15 * 127 = 7620. An 8-bit weight could, so 8-bit needs VNNI.
+inline __m256i dot_nibbles(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
+#ifdef OE_VNNI
+  return dpbusd(dpbusd(_mm256_setzero_si256(), lo, even), hi, odd);
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+// One-row 4- and 8-bit products with integer dot products (VNNI: 32 unsigned-by-signed byte
+// products per 256-bit instruction, against one float FMA per eight weights above), keeping
+// float32 accuracy: each 32-element block of x is split into three int8 pieces,
+// x = d (p1 + p2 / 254 + p3 / 254^2), which leaves an error of d / 2 / 254^3 (~6e-8 of the
+// block's largest |x|), below float32's own rounding in the sums. A single int8 piece, as
+// llama.cpp's q8 activations, would be ~4e-3 off.
+constexpr int PIECES = 3;
+constexpr float PIECE = 254.f;
+
+// Where chunk c's (64 elements of x) even and odd elements start in a piece: x goes in blocks of
+// 128 (the last may be 64), the even elements of the block's chunks first, then the odd ones, as
+// the low and high nibbles of the block's weight bytes hold them. One 512-bit load of weights then
+// meets one load of x for each nibble; a 256-bit load is one chunk of each half.
+struct ChunkAt {
+  int64_t even, odd;
+};
+inline ChunkAt chunk_at(int64_t c, int64_t K) {
+  const int64_t block = c / 2 * 128, chunks = block + 128 <= K ? 2 : 1;
+  const int64_t even = block + c % 2 * 32;
+  return {even, even + 32 * chunks};
+}
+
+inline __m256i pack_int8(__m256 a, __m256 b, __m256 c, __m256 d) {  // 32 integral floats, in order
+  const __m256i ab = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+  const __m256i cd = _mm256_packs_epi32(_mm256_cvtps_epi32(c), _mm256_cvtps_epi32(d));
+  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd),
+                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// x (K floats, K % 64 == 0) -> PIECES rows of K int8 and each 32-block's d. For 4-bit weights
+// (NIBBLES) the pieces are laid out as chunk_at says and d is spread over the lanes that the
+// block's products land in: dl[8c .. 8c+3] for chunk c's first 32 elements, dl[8c+4 .. 8c+7] for
+// the others. For 8-bit weights they are in x's order and dl[b] is block b's d.
+template <bool NIBBLES>
+inline void split_x(const float* x, int64_t K, int8_t* pieces, float* dl) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256 piece = _mm256_set1_ps(PIECE);
+  for (int64_t c = 0; c < K / 64; c++) {
+    const float* xc = x + c * 64;
+    __m256 r[8], inv[2];
+    for (int h = 0; h < 2; h++) {  // the two 32-blocks
+      __m256 m = _mm256_setzero_ps();
+      for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xc + 32 * h + 8 * i)));
+      const float largest = hmax(m);
+      if constexpr (NIBBLES) std::fill_n(dl + 8 * c + 4 * h, 4, largest / 127);
+      else dl[2 * c + h] = largest / 127;
+      inv[h] = _mm256_set1_ps(largest > 0 ? 127 / largest : 0);
+    }
+    // Each times its block's 127 / max. With NIBBLES, r[0..3] are the even elements in order and
+    // r[4..7] the odd ones; else r[0..3] are the first 32-block and r[4..7] the second.
+    for (int i = 0; i < 4; i++) {
+      if constexpr (NIBBLES) {
+        const __m256 a = _mm256_loadu_ps(xc + 16 * i), b = _mm256_loadu_ps(xc + 16 * i + 8);
+        const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        r[i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)), inv[i / 2]);
+        r[4 + i] = _mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)), inv[i / 2]);
+      } else {
+        r[i] = _mm256_mul_ps(_mm256_loadu_ps(xc + 8 * i), inv[0]);
+        r[4 + i] = _mm256_mul_ps(_mm256_loadu_ps(xc + 32 + 8 * i), inv[1]);
+      }
+    }
+    const ChunkAt at = NIBBLES ? chunk_at(c, K) : ChunkAt{c * 64, c * 64 + 32};
+    for (int p = 0; p < PIECES; p++) {
+      __m256 q[8];
+      for (int i = 0; i < 8; i++) {
+        q[i] = _mm256_round_ps(r[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_min_ps(_mm256_max_ps(q[i], lo), hi);
+        r[i] = _mm256_mul_ps(_mm256_sub_ps(r[i], q[i]), piece);
+      }
+      _mm256_storeu_si256((__m256i*)(pieces + p * K + at.even), pack_int8(q[0], q[1], q[2], q[3]));
+      _mm256_storeu_si256((__m256i*)(pieces + p * K + at.odd), pack_int8(q[4], q[5], q[6], q[7]));
+    }
+  }
+}
+
+// The scales of 32-blocks b and b + 1 (sidx: each block's group) over the 8 lanes that their
+// products land in.
+inline __m256 lane_scales8(const float* sr, const int32_t* sidx, int64_t b) {
+  return _mm256_set_m128(_mm_set1_ps(sr[sidx[b + 1]]), _mm_set1_ps(sr[sidx[b]]));
+}
+
+#ifdef OE_VNNI512
+// The scales of 32-blocks b .. b + 3 over the 16 lanes that their products land in (4 each). In
+// groups of 32, 64 or 128 (what `convert -q` writes) that is one load and at most one permute:
+// building it from four scalars took a quarter of the loop's instructions.
+inline __m512 lane_scales16(const float* sr, const int32_t* sidx, int64_t b, int64_t gs) {
+  const __m512i spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i spread2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  if (gs == 32) return _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(_mm_loadu_ps(sr + b)));
+  if (gs == 64) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)(sr + b / 2)));
+    return _mm512_permutexvar_ps(spread2, _mm512_castps128_ps512(two));
+  }
+  if (gs % 128 == 0) return _mm512_set1_ps(sr[sidx[b]]);
+  const __m128 s4 = _mm_setr_ps(sr[sidx[b]], sr[sidx[b + 1]], sr[sidx[b + 2]], sr[sidx[b + 3]]);
+  return _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(s4));
+}
+#endif
+
+// The pieces' lane sums (piece p in units of d / 254^p) as one float. They are combined in the
+// lanes, so a row ends in one horizontal sum rather than one per piece.
+inline __m256 combine_pieces(const __m256* acc) {
+  return _mm256_fmadd_ps(acc[2], _mm256_set1_ps(1 / (PIECE * PIECE)),
+                         _mm256_fmadd_ps(acc[1], _mm256_set1_ps(1 / PIECE), acc[0]));
+}
+#ifdef OE_VNNI512
+inline __m512 combine_pieces(const __m512* acc) {
+  return _mm512_fmadd_ps(acc[2], _mm512_set1_ps(1 / (PIECE * PIECE)),
+                         _mm512_fmadd_ps(acc[1], _mm512_set1_ps(1 / PIECE), acc[0]));
+}
+#endif
+static_assert(PIECES == 3, "combine_pieces sums three pieces");
+
+// Row n of a one-row 4-bit product; sr and br are its scales and biases as floats.
+inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* sidx,
+                        const float* xsum, const uint8_t* w, const float* sr, const float* br,
+                        const float* res, float* out, int64_t K, int64_t gs, int64_t n) {
+  const int64_t row_bytes = K / 2, chunks = K / 64;
+  const uint8_t* wr = w + n * row_bytes;
+  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
+  int64_t c = 0;
+#ifdef OE_VNNI512
+  {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc[PIECES];
+    for (int p = 0; p < PIECES; p++) acc[p] = _mm512_setzero_ps();
+    for (; c + 2 <= chunks; c += 2) {  // a block of 128: two chunks
+      _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512((const void*)(wr + c * 32));
+      const __m512i lo = _mm512_and_si512(bytes, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+      __m512i sum[PIECES];
+      for (int p = 0; p < PIECES; p++) {
+        const int8_t* xp = pieces + p * K + c * 64;
+        sum[p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)),
+                                     hi, _mm512_loadu_si512(xp + 64));
+      }
+      const __m512 mult = _mm512_mul_ps(lane_scales16(sr, sidx, 2 * c, gs), _mm512_loadu_ps(dl + 8 * c));
+      for (int p = 0; p < PIECES; p++) acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[p]), mult, acc[p]);
+    }
+    total += _mm512_reduce_add_ps(combine_pieces(acc));
+  }
+#endif
+  if (c == chunks) {
+    out[n] = total;
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256 acc[PIECES];
+  for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
+  for (; c < chunks; c++) {
+    _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + c * 32));
+    const __m256i lo = _mm256_and_si256(bytes, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+    const ChunkAt at = chunk_at(c, K);
+    __m256i sum[PIECES];
+    for (int p = 0; p < PIECES; p++) {
+      const int8_t* xp = pieces + p * K;
+      sum[p] = dot_nibbles(lo, _mm256_loadu_si256((const __m256i*)(xp + at.even)), hi,
+                           _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
+    }
+    // Lanes 0-3 hold elements 0-31 of these 64, lanes 4-7 elements 32-63.
+    const __m256 mult = _mm256_mul_ps(lane_scales8(sr, sidx, 2 * c), _mm256_loadu_ps(dl + 8 * c));
+    for (int p = 0; p < PIECES; p++) acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p]), mult, acc[p]);
+  }
+  out[n] = total + hsum(combine_pieces(acc));
+}
+
+#ifdef OE_VNNI
+// 8-bit decode with the same integer products. The weight bytes are the unsigned operand as they
+// are, and x's pieces lie in order, so a 32-element block is one 256-bit dpbusd per piece whose 8
+// lanes all carry that block's weight scale and d.
+inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sidx, const float* xsum,
+                        const uint8_t* w, const float* sr, const float* br, const float* res,
+                        float* out, int64_t K, int64_t gs, int64_t n) {
+  const int64_t blocks = K / 32;
+  const uint8_t* wr = w + n * K;
+  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
+  int64_t b = 0;
+#ifdef OE_VNNI512
+  {
+    __m512 acc[PIECES];
+    for (int p = 0; p < PIECES; p++) acc[p] = _mm512_setzero_ps();
+    for (; b + 2 <= blocks; b += 2) {  // 64 bytes: one cache line, two blocks
+      _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512((const void*)(wr + b * 32));
+      const __m256 lo = _mm256_set1_ps(sr[sidx[b]] * d[b]);
+      const __m256 hi = _mm256_set1_ps(sr[sidx[b + 1]] * d[b + 1]);
+      const __m512 mult = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+      for (int p = 0; p < PIECES; p++) {
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bytes,
+                                                _mm512_loadu_si512(pieces + p * K + b * 32));
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mult, acc[p]);
+      }
+    }
+    total += _mm512_reduce_add_ps(combine_pieces(acc));
+  }
+#endif
+  if (b == blocks) {
+    out[n] = total;
+    return;
+  }
+  __m256 acc[PIECES];
+  for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
+  for (; b < blocks; b++) {
+    if (b % 2 == 0) _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
+    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + b * 32));
+    const __m256 mult = _mm256_set1_ps(sr[sidx[b]] * d[b]);
+    for (int p = 0; p < PIECES; p++) {
+      const __m256i sum = dpbusd(_mm256_setzero_si256(), bytes,
+                                 _mm256_loadu_si256((const __m256i*)(pieces + p * K + b * 32)));
+      acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), mult, acc[p]);
+    }
+  }
+  out[n] = total + hsum(combine_pieces(acc));
+}
+#endif
+
+// Input rows that take the integer rows (one at a time each); more go to the float rows below.
+constexpr int64_t MAX_INT8_ROWS = 16;
+
+// Whether the integer rows take this shape: whole 64-element chunks, none across two groups.
+inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
+#endif
+
+}  // namespace oe
