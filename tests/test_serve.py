@@ -196,3 +196,19 @@ def test_more_requests_than_the_batch_and_queue_get_429(server):
     for t in threads:
         t.join()
     assert 429 in codes and codes.count(200) >= 4 and set(codes) <= {200, 429}
+
+
+def test_structured_output_without_xgrammar_is_a_clear_400(tokenizer, monkeypatch):
+    """xgrammar is an optional extra (it requires torch): without it only JSON output is off."""
+    import sys
+
+    from mlx_openelm.serve.grammar import Grammars
+    from mlx_openelm.serve.protocol import APIError, ResponseFormat
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` now fails
+    grammars = Grammars(tokenizer)
+    assert grammars.compile(ResponseFormat(type="text")) is None
+    with pytest.raises(APIError) as e:
+        grammars.compile(ResponseFormat(type="json_object"))
+    assert e.value.status == 400 and e.value.code == "structured_output_unavailable"
+    assert "mlx-openelm[structured]" in str(e.value)

@@ -23,27 +23,43 @@ MAX_SCHEMA_BYTES = 64 * 1024
 
 
 class Grammars:
-    """Compiles response formats against one tokenizer (the vocabulary is read once)."""
+    """Compiles response formats against one tokenizer. xgrammar is an optional dependency (it
+    requires torch): it is imported on the first structured request, and without it such a
+    request gets a 400 that says what to install."""
 
     def __init__(self, tokenizer: Tokenizer):
-        import xgrammar as xgr
+        self.tokenizer = tokenizer
+        self.vocab = tokenizer.vocab_size
+        self.eos = tokenizer.eos_id
+        self._xgr: Any = None
+        self._compiler: Any = None
 
-        self._xgr = xgr
-        sp = tokenizer.sp
+    def _compiler_or_400(self) -> Any:
+        if self._compiler is not None:
+            return self._compiler
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise APIError(
+                400,
+                "structured output (response_format) needs xgrammar on the server: "
+                "pip install 'mlx-openelm[structured]' (docs/serve.md)",
+                param="response_format",
+                code="structured_output_unavailable",
+            ) from None
+        sp = self.tokenizer.sp
         # SentencePiece pieces as they are ("▁" a space, "<0x0A>" a byte); control pieces (<s>,
         # </s>) print nothing, which xgrammar reads as special tokens, never inside the JSON.
         # So are the control bytes (0x00-0x1f), which compact JSON never holds raw (xgrammar let a
         # <0x00> piece into a string).
         pieces = [
             "" if p is None or (isinstance(p, bytes) and p[0] < 0x20) else sp.id_to_piece(i)
-            for i, p in enumerate(tokenizer.pieces)
+            for i, p in enumerate(self.tokenizer.pieces)
         ]
-        info = xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK,
-                                 vocab_size=tokenizer.vocab_size,
-                                 stop_token_ids=[tokenizer.eos_id])  # fmt: skip
-        self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=64 << 20)
-        self.vocab = tokenizer.vocab_size
-        self.eos = tokenizer.eos_id
+        info = xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, vocab_size=self.vocab,
+                                 stop_token_ids=[self.eos])  # fmt: skip
+        self._xgr, self._compiler = xgr, xgr.GrammarCompiler(info, cache_limit_bytes=64 << 20)
+        return self._compiler
 
     def compile(self, fmt: ResponseFormat | None) -> CompiledGrammar | None:
         """The grammar for `response_format`, or None for plain text; a bad schema is a 400."""
@@ -61,8 +77,9 @@ class Grammars:
         if len(text) > MAX_SCHEMA_BYTES:
             raise APIError(400, f"the JSON schema is over {MAX_SCHEMA_BYTES} bytes",
                            param="response_format")  # fmt: skip
+        compiler = self._compiler_or_400()
         try:
-            compiled = self.compiler.compile_json_schema(
+            compiled = compiler.compile_json_schema(
                 text, any_whitespace=False, separators=(",", ":")
             )
         except Exception as e:  # xgrammar reports a bad schema as a RuntimeError/ValueError
