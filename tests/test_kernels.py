@@ -665,6 +665,7 @@ def passes_the_parity_tests(tmp_path, flags: str, simd: str) -> None:
     assert " passed" in out.stdout and " skipped" not in out.stdout, out.stdout[-500:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="elsewhere the default build is it")
 def test_the_portable_build_passes_the_parity_tests(tmp_path):
     """A CPU without AVX2 (ARM Linux, older x86) runs the kernels' portable path: here built with
@@ -672,6 +673,7 @@ def test_the_portable_build_passes_the_parity_tests(tmp_path):
     passes_the_parity_tests(tmp_path, "-mno-avx2 -mno-fma", "portable C++")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not {"avx512f", "avx_vnni"} & set(build._cpu_features().split()),
                     reason="without AVX-512 or AVX-VNNI the default build is it")  # fmt: skip
 def test_the_avx2_build_passes_the_parity_tests(tmp_path):
