@@ -117,13 +117,18 @@ def _run_all(commands: list[list[str]]) -> None:
         raise BuildError(f"compiling {target} failed: {first.strip()}")
 
 
+def target_path() -> Path:
+    """Where this CPU, compiler, mlx and these sources' build lives in the cache (built or not)."""
+    folder = cache_root() / _key(_compiler(), *_paths())
+    return folder / (MODULE + importlib.machinery.EXTENSION_SUFFIXES[0])
+
+
 def build(verbose: bool = True) -> Path:
     """The path of the compiled extension module, building it first if the cache lacks it."""
     cxx = _compiler()
     mlx_dir, nb_dir = _paths()
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    folder = cache_root() / _key(cxx, mlx_dir, nb_dir)
-    target = folder / (MODULE + suffix)
+    target = target_path()
+    folder = target.parent
     if target.is_file():
         return target
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.machinery
 import shutil
 
 from ..errors import UserError
 from . import status
-from .build import MODULE, BuildError, _compiler, _key, _paths, cache_root
+from .build import MODULE, BuildError, cache_root, target_path
 
 ACTIONS = ("status", "build", "clear")
 
@@ -27,10 +26,9 @@ def _builds() -> list:
 def _built() -> bool:
     """Whether the cache holds the build this machine would load (without building it)."""
     try:
-        folder = cache_root() / _key(_compiler(), *_paths())
+        return target_path().is_file()
     except BuildError:
         return False
-    return (folder / (MODULE + importlib.machinery.EXTENSION_SUFFIXES[0])).is_file()
 
 
 def manage(action: str = "status") -> list[str]:
