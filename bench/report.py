@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,12 @@ def serve_plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def save(report: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None,
+         draw: Callable[[dict[str, Any], Path], None]) -> None:  # fmt: skip
+    """Write a report's JSON and its plot (drawn by `draw`) where asked."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        draw(report, Path(plot_path))

@@ -17,7 +17,7 @@ from mlx_openelm.errors import MissingDependency, UserError
 from . import llama_cpp as llama
 from .bench import BLAS_ENV, run_worker
 from .machine import machine_info, measure_bandwidth
-from .report import plot, print_report, require_matplotlib
+from .report import plot, print_report, require_matplotlib, save
 from .weights import random_folder, uniform_twin
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -349,10 +349,7 @@ def bench(
             }
         }
     print_report(report)
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if plot_path:
-        plot(report, Path(plot_path))
+    save(report, json_path, plot_path, plot)
     return report
 
 

@@ -222,7 +222,7 @@ def bench_serve(
     """
     import numpy as np
 
-    from .report import print_serve_report, require_matplotlib, serve_plot
+    from .report import print_serve_report, require_matplotlib, save, serve_plot
 
     folder = Path(model).expanduser()
     if not (folder / "config.json").is_file():
@@ -310,10 +310,7 @@ def bench_serve(
     }  # fmt: skip
     report["ratios"] = ratios(report["results"])
     print_serve_report(report)
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if plot_path:
-        serve_plot(report, Path(plot_path))
+    save(report, json_path, plot_path, serve_plot)
     return report
 
 
