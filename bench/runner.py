@@ -7,6 +7,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,54 +132,115 @@ def parse_lengths(lengths: Sequence[int] | str) -> list[int]:
     return [int(n) for n in lengths]
 
 
-def _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
-              reference_device, reference_model, trials, json_path, plot_path,
-              llama_cpp) -> dict[str, str | None] | None:  # fmt: skip
-    if sum(x is not None for x in (model, preset, config)) != 1:
-        raise UserError("give exactly one of --model, --preset or --config")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if q_bits is not None and q_bits not in Q_BITS:
-        raise UserError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}")
-    if not prompt_tokens or min(prompt_tokens) < 1:
-        raise UserError(f"--prompt-tokens must be positive lengths, got {list(prompt_tokens)}")
-    if gen_tokens < 2:
-        raise UserError(f"--gen-tokens must be at least 2 (decode needs two), got {gen_tokens}")
-    if trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
-    if reference not in ("torch", "none"):
-        raise UserError(f"--reference must be torch or none, got {reference!r}")
-    if reference_device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--reference-device must be auto, cpu or cuda, got {reference_device!r}")
-    if reference_model is not None and reference != "torch":
-        raise UserError(
-            "--reference-model is for the PyTorch reference: it needs --reference torch"
-        )
-    if reference == "torch" and q_bits:
-        raise UserError(
-            "the PyTorch reference runs unquantised weights only: drop --quantize or pass "
-            "--reference none"
-        )
-    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise FileNotFoundError(f"{flag}: folder {Path(path).parent} does not exist")
-    if plot_path is not None:
-        require_matplotlib()
-    if reference == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise MissingDependency(
-                "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
-                "(or pass --reference none)"
-            ) from None
-    if llama_cpp is None:
-        return None
-    from mlx_openelm.export.gguf import require_gguf
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `bench` was asked to do; constructing one checks it (the user's errors, one line each),
+    so nothing slow starts on options that would fail later."""
 
-    llama.gguf_type(dtype, q_bits)  # refuses a bit width llama.cpp has no type for
-    require_gguf()
-    return llama.find_tools(llama_cpp)
+    model: str | None = None
+    preset: str | None = None
+    config: str | Path | None = None
+    prompt_tokens: tuple[int, ...] = (128, 512)
+    gen_tokens: int = 128
+    dtype: str = "float32"
+    q_bits: int | None = None
+    reference: str = "torch"
+    reference_device: str = "auto"
+    reference_model: str | None = None
+    mlx_lm: bool = True
+    study: bool = False
+    trials: int = 3
+    interleave: bool = True
+    json_path: str | Path | None = None
+    plot_path: str | Path | None = None
+    seed: int = 0
+    bandwidth_bytes: int = 2**30
+    llama_cpp: str | Path | None = None
+    kernels_ab: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_values()
+        self._check_environment()
+
+    def _check_values(self) -> None:
+        if sum(x is not None for x in (self.model, self.preset, self.config)) != 1:
+            raise UserError("give exactly one of --model, --preset or --config")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.q_bits is not None and self.q_bits not in Q_BITS:
+            raise UserError(
+                f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {self.q_bits}"
+            )
+        if not self.prompt_tokens or min(self.prompt_tokens) < 1:
+            raise UserError(
+                f"--prompt-tokens must be positive lengths, got {list(self.prompt_tokens)}"
+            )
+        if self.gen_tokens < 2:
+            raise UserError(
+                f"--gen-tokens must be at least 2 (decode needs two), got {self.gen_tokens}"
+            )
+        if self.trials < 1:
+            raise UserError(f"--trials must be at least 1, got {self.trials}")
+        if self.reference not in ("torch", "none"):
+            raise UserError(f"--reference must be torch or none, got {self.reference!r}")
+        if self.reference_device not in ("auto", "cpu", "cuda"):
+            raise UserError(
+                f"--reference-device must be auto, cpu or cuda, got {self.reference_device!r}"
+            )
+        if self.reference_model is not None and self.reference != "torch":
+            raise UserError(
+                "--reference-model is for the PyTorch reference: it needs --reference torch"
+            )
+        if self.reference == "torch" and self.q_bits:
+            raise UserError(
+                "the PyTorch reference runs unquantised weights only: drop --quantize or pass "
+                "--reference none"
+            )
+
+    def _check_environment(self) -> None:
+        """The output folders and the optional packages and tools the options call for."""
+        for path, flag in ((self.json_path, "--json"), (self.plot_path, "--plot")):
+            if path is not None and not Path(path).resolve().parent.is_dir():
+                raise FileNotFoundError(f"{flag}: folder {Path(path).parent} does not exist")
+        if self.plot_path is not None:
+            require_matplotlib()
+        if self.reference == "torch":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise MissingDependency(
+                    "the PyTorch reference needs torch: pip install 'mlx-openelm[reference]' "
+                    "(or pass --reference none)"
+                ) from None
+        if self.llama_cpp is not None:
+            from mlx_openelm.export.gguf import require_gguf
+
+            # Refuses a bit width llama.cpp has no type for.
+            llama.gguf_type(self.dtype, self.q_bits)
+            require_gguf()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row: an implementation run on every prompt length. Its worker process (or
+    `llama_cpp.run`) reads it as a dict, `asdict(spec)`."""
+
+    implementation: str
+    folder: str
+    dtype: str
+    dtype_name: str  # the report's: "4-bit/float32" where the weights are quantised
+    q_bits: int | None
+    prompt_tokens: tuple[int, ...]
+    gen_tokens: int
+    vocab_size: int
+    env: dict[str, str] = field(default_factory=dict)  # set in the worker's environment
+    device: str | None = None  # the PyTorch reference's: auto, cpu or cuda
+    gguf: str | None = None  # llama.cpp's: the exported weights, their type, its tools, threads
+    gguf_type: str | None = None
+    tools: dict[str, str | None] | None = None
+    threads: int | None = None
+    trials: int = 1
+    check: bool = True  # the fp32 token check (round 1 only)
 
 
 def _other_blas(loaded: str | None) -> list[str]:
@@ -264,83 +326,126 @@ def bench(
     Returns:
         The report (what the JSON file holds). Raises ValueError when an fp32 check disagrees.
     """
-    prompt_tokens = parse_lengths(prompt_tokens)
-    tools = _validate(model, preset, config, prompt_tokens, gen_tokens, dtype, q_bits, reference,
-                      reference_device, reference_model, trials, json_path, plot_path,
-                      llama_cpp)  # fmt: skip
+    # First: locals() holds the arguments only.
+    opts = BenchOptions(**{**locals(), "prompt_tokens": tuple(parse_lengths(prompt_tokens))})
+    tools = llama.find_tools(opts.llama_cpp) if opts.llama_cpp is not None else None
     console = Console(stderr=True)
     machine = machine_info()
-    folder, args, name = _resolve(model, preset, config)
-    if max(prompt_tokens) + gen_tokens > args.max_context_length:
+    folder, args, name = _resolve(opts.model, opts.preset, opts.config)
+    _check_model(opts, folder, args)
+    twin = uniform_twin(args) if opts.study else None
+    with tempfile.TemporaryDirectory(prefix="mlx-openelm-bench-") as tmp:
+        if folder is None:
+            console.print(f"random weights, {name} shape ({args.num_parameters():,} parameters)")
+            folder = random_folder(args, Path(tmp) / "model", opts.seed)
+        bits = opts.q_bits or folder_bits(folder)  # what the MLX rows run: --q-bits or the folder's
+        base = RunSpec(
+            implementation="mlx-openelm", folder=str(folder), dtype=opts.dtype, q_bits=opts.q_bits,
+            dtype_name=f"{bits}-bit/{opts.dtype}" if bits else opts.dtype,
+            prompt_tokens=opts.prompt_tokens, gen_tokens=opts.gen_tokens,
+            vocab_size=args.vocab_size,
+        )  # fmt: skip
+        specs = _mlx_and_torch_specs(opts, base, twin, Path(tmp), machine["mlx_blas"])
+        if tools is not None:
+            specs.append(_llama_spec(base, bits, tools, Path(tmp), console))
+        results = _run_rounds(specs, opts.trials, opts.interleave, console)
+    report = _report(opts, name, args, bits, tools, machine, twin, results)
+    print_report(report)
+    save(report, opts.json_path, opts.plot_path, plot)
+    return report
+
+
+def _check_model(opts: BenchOptions, folder: Path | None, args: Any) -> None:
+    """The checks that need the model's config, made before any weights are written or timed."""
+    longest = max(opts.prompt_tokens)
+    if longest + opts.gen_tokens > args.max_context_length:
         raise UserError(
-            f"{max(prompt_tokens)} prompt + {gen_tokens} generated tokens exceed the model's "
+            f"{longest} prompt + {opts.gen_tokens} generated tokens exceed the model's "
             f"context of {args.max_context_length}: lower --prompt-tokens or --gen-tokens"
         )
-    if folder is not None and reference == "torch":
+    if folder is not None and opts.reference == "torch":
         if folder_bits(folder):
             raise UserError(
                 f"{folder} holds quantised weights, which the PyTorch reference can't run: "
                 "pass --reference none (or bench the unquantised folder)"
             )
-    if reference_model is not None and not (Path(reference_model) / "config.json").is_file():
-        raise FileNotFoundError(f"--reference-model {reference_model} has no config.json")
-    with tempfile.TemporaryDirectory(prefix="mlx-openelm-bench-") as tmp:
-        if folder is None:
-            console.print(f"random weights, {name} shape ({args.num_parameters():,} parameters)")
-            folder = random_folder(args, Path(tmp) / "model", seed)
-        bits = q_bits or folder_bits(folder)  # what the MLX rows run: --q-bits or the folder's
-        common = dict(folder=str(folder), dtype=dtype, q_bits=q_bits, gen_tokens=gen_tokens,
-                      prompt_tokens=prompt_tokens, vocab_size=args.vocab_size,
-                      dtype_name=f"{bits}-bit/{dtype}" if bits else dtype)  # fmt: skip
-        specs = [{**common, "implementation": "mlx-openelm"}]
-        if kernels_ab:
-            specs.append({**common, "implementation": "mlx-openelm-kernels-off",
-                          "env": {"MLX_OPENELM_KERNELS": "0"}})  # fmt: skip
-        if reference == "torch":
-            specs.append({**common, "implementation": "torch-reference", "device": reference_device,
-                          "folder": str(reference_model or folder), "q_bits": None})  # fmt: skip
-        if mlx_lm:
-            specs.append({**common, "implementation": "mlx-lm"})
-        if study:
-            twin = uniform_twin(args)
-            twin_folder = random_folder(twin, Path(tmp) / "uniform", seed)
-            specs.append({**common, "implementation": "mlx-openelm-naive-rmsnorm"})
-            specs.append({**common, "implementation": UNIFORM, "folder": str(twin_folder)})
-            specs += [{**common, "implementation": f"mlx-openelm-{blas}", "env": {BLAS_ENV: blas}}
-                      for blas in _other_blas(machine["mlx_blas"])]  # fmt: skip
-        if tools is not None:
-            kind = llama.gguf_type(dtype, bits)
-            console.print(f"llama.cpp: exporting the weights as a {kind} GGUF ...")
-            path = llama.export(folder, Path(tmp) / f"model-{kind}.gguf", kind)
-            specs.append({**common, "implementation": llama.NAME, "gguf": str(path),
-                          "gguf_type": kind, "tools": tools,
-                          "threads": llama.threads()})  # fmt: skip
-        results = _run_rounds(specs, trials, interleave, console)
+    ref = opts.reference_model
+    if ref is not None and not (Path(ref) / "config.json").is_file():
+        raise FileNotFoundError(f"--reference-model {ref} has no config.json")
+
+
+def _mlx_and_torch_specs(
+    opts: BenchOptions, base: RunSpec, twin: Any, tmp: Path, mlx_blas: str | None
+) -> list[RunSpec]:
+    """The rows that run in a worker process: mlx-openelm first (the others' baseline in the
+    ratios), then those the options add, each a variant of `base`."""
+    specs = [base]
+    if opts.kernels_ab:
+        specs.append(replace(base, implementation="mlx-openelm-kernels-off",
+                             env={"MLX_OPENELM_KERNELS": "0"}))  # fmt: skip
+    if opts.reference == "torch":
+        specs.append(replace(base, implementation="torch-reference", device=opts.reference_device,
+                             folder=str(opts.reference_model or base.folder),
+                             q_bits=None))  # fmt: skip
+    if opts.mlx_lm:
+        specs.append(replace(base, implementation="mlx-lm"))
+    if twin is not None:
+        twin_folder = random_folder(twin, tmp / "uniform", opts.seed)
+        specs.append(replace(base, implementation="mlx-openelm-naive-rmsnorm"))
+        specs.append(replace(base, implementation=UNIFORM, folder=str(twin_folder)))
+        specs += [replace(base, implementation=f"mlx-openelm-{blas}", env={BLAS_ENV: blas})
+                  for blas in _other_blas(mlx_blas)]  # fmt: skip
+    return specs
+
+
+def _llama_spec(
+    base: RunSpec, bits: int | None, tools: dict[str, str | None], tmp: Path, console: Console
+) -> RunSpec:
+    """llama.cpp's row: the same weights exported as the GGUF type nearest to the MLX rows'."""
+    kind = llama.gguf_type(base.dtype, bits)
+    console.print(f"llama.cpp: exporting the weights as a {kind} GGUF ...")
+    path = llama.export(Path(base.folder), tmp / f"model-{kind}.gguf", kind)
+    return replace(base, implementation=llama.NAME, gguf=str(path), gguf_type=kind, tools=tools,
+                   threads=llama.threads())  # fmt: skip
+
+
+def _report(
+    opts: BenchOptions,
+    name: str,
+    args: Any,
+    bits: int | None,
+    tools: dict[str, str | None] | None,
+    machine: dict[str, Any],
+    twin: Any,
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The report (what the JSON file holds), with the roofline from the memory bandwidth of the
+    device the rows ran on."""
     backend = results[0]["backend"]
-    bandwidth = measure_bandwidth(bandwidth_bytes, on_gpu=backend != "cpu")
+    bandwidth = measure_bandwidth(opts.bandwidth_bytes, on_gpu=backend != "cpu")
     report = {
         "model": name,
         "parameters": args.num_parameters(),
         "settings": dict(
-            prompt_tokens=prompt_tokens,
-            gen_tokens=gen_tokens,
-            dtype=dtype,
-            q_bits=q_bits,
-            trials=trials,
-            interleave=interleave,
-            reference=reference,
-            reference_device=reference_device,
-            seed=seed,
+            prompt_tokens=list(opts.prompt_tokens),
+            gen_tokens=opts.gen_tokens,
+            dtype=opts.dtype,
+            q_bits=opts.q_bits,
+            trials=opts.trials,
+            interleave=opts.interleave,
+            reference=opts.reference,
+            reference_device=opts.reference_device,
+            seed=opts.seed,
             llama_cpp=tools,
         ),
         "machine": machine,
-        "roofline": _roofline(args, bandwidth, dtype, bits, gen_tokens, results),
+        "roofline": _roofline(args, bandwidth, opts.dtype, bits, opts.gen_tokens, results),
         "ratios": _ratios(results),
         "results": results,
     }
     if hasattr(os, "getloadavg"):
         machine["load_average_end"] = list(os.getloadavg())
-    if study:
+    if twin is not None:
         report["study"] = {
             "uniform_twin": {
                 "parameters": twin.num_parameters(),
@@ -348,20 +453,20 @@ def bench(
                 "ffn_dims": twin.ffn_dims,
             }
         }
-    print_report(report)
-    save(report, json_path, plot_path, plot)
     return report
 
 
-def _run_rounds(specs, trials: int, interleave: bool, console: Console) -> list[dict[str, Any]]:
+def _run_rounds(
+    specs: list[RunSpec], trials: int, interleave: bool, console: Console
+) -> list[dict[str, Any]]:
     rounds, per_round = (trials, 1) if interleave else (1, trials)
     merged: dict[tuple[str, int], dict[str, Any]] = {}
     for r in range(rounds):
         # Round r starts at the r-th row, so no row always runs first or last.
         for spec in specs[r % len(specs) :] + specs[: r % len(specs)]:
-            console.print(f"round {r + 1}/{rounds}: {spec['implementation']} ...")
-            run = llama.run if spec["implementation"] == llama.NAME else run_worker
-            merge_trials(merged, run({**spec, "trials": per_round, "check": r == 0}))
+            console.print(f"round {r + 1}/{rounds}: {spec.implementation} ...")
+            run = llama.run if spec.implementation == llama.NAME else run_worker
+            merge_trials(merged, run(asdict(replace(spec, trials=per_round, check=r == 0))))
             if r == 0:
                 check_agreement(list(merged.values()))  # fail as soon as a row disagrees
     return list(merged.values())

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,51 @@ def _llama_server(path: str | Path) -> str:
 # ---- the benchmark ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `bench_serve` was asked to do; constructing one checks it (the user's errors, one line
+    each), before any model is quantised or server started."""
+
+    model: str | Path
+    q_bits: int | None = None
+    llama_cpp: str | Path | None = None
+    mlx_lm: bool = False
+    clients: tuple[int, ...] = (1, 4, 8)  # sorted, each once
+    requests: int = 2
+    prompt_tokens: int = 128
+    max_tokens: int = 64
+    rounds: int = 1
+    threads: int | None = None
+    json_path: str | Path | None = None
+    plot_path: str | Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .report import require_matplotlib
+
+        if not (self.folder / "config.json").is_file():
+            raise FileNotFoundError(f"{self.folder} has no config.json: give an MLX model folder")
+        if self.q_bits is not None and self.q_bits not in llama.GGUF_FOR_BITS:
+            raise UserError(f"--q-bits must be 4 or 8 (llama.cpp's q4_0 / q8_0), got {self.q_bits}")
+        if not self.clients or self.clients[0] < 1 or self.requests < 1 or self.rounds < 1:
+            raise UserError("--clients, --requests and --rounds must be at least 1")
+        if self.prompt_tokens < 2 or self.max_tokens < 2:
+            raise UserError("--prompt-tokens and --max-tokens must be at least 2")
+        if self.plot_path:
+            require_matplotlib()
+        if self.mlx_lm and shutil.which("mlx_lm.server") is None:
+            raise MissingDependency("--mlx-lm needs mlx-lm's server: pip install mlx-lm")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.model).expanduser()
+
+    @property
+    def slots(self) -> int:
+        """Each server's concurrent sequences: enough for the most clients."""
+        return max(self.clients)
+
+
 def bench_serve(
     model: str | Path,
     *,
@@ -220,98 +266,118 @@ def bench_serve(
         threads: llama-server's threads (default: the cores this process may run on).
         json_path, plot_path: write the report as JSON and a PNG plot.
     """
-    import numpy as np
+    # First: locals() holds the arguments only.
+    opts = ServeOptions(**{**locals(), "clients": tuple(sorted(set(clients)))})
+    from .report import print_serve_report, save, serve_plot
 
-    from .report import print_serve_report, require_matplotlib, save, serve_plot
-
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: give an MLX model folder")
-    if q_bits is not None and q_bits not in llama.GGUF_FOR_BITS:
-        raise UserError(f"--q-bits must be 4 or 8 (llama.cpp's q4_0 / q8_0), got {q_bits}")
-    clients = sorted(set(clients))
-    if not clients or clients[0] < 1 or requests < 1 or rounds < 1:
-        raise UserError("--clients, --requests and --rounds must be at least 1")
-    if prompt_tokens < 2 or max_tokens < 2:
-        raise UserError("--prompt-tokens and --max-tokens must be at least 2")
-    if plot_path:
-        require_matplotlib()
-    if mlx_lm and shutil.which("mlx_lm.server") is None:
-        raise MissingDependency("--mlx-lm needs mlx-lm's server: pip install mlx-lm")
-    binary = _llama_server(llama_cpp) if llama_cpp else None
-    threads = threads or llama.threads()
-    slots = max(clients)
+    binary = _llama_server(opts.llama_cpp) if opts.llama_cpp else None
+    threads = opts.threads or llama.threads()
     info = machine_info()
-    config = json.loads((folder / "config.json").read_text())
-    vocab = min(config["vocab_size"], _tokenizer_size(folder))
-    # Its own ids per request in every round, so that no prompt cache serves one (the servers
-    # of a round get the same ones); 3..: no unk/bos/eos.
-    rng = np.random.default_rng(seed)
-    draw = lambda: rng.integers(3, vocab, prompt_tokens).tolist()  # noqa: E731
-    batches = {
-        (r, n): [draw() for _ in range(n * requests)] for r in range(rounds) for n in clients
-    }
-    rows: list[dict[str, Any]] = []
+    config = json.loads((opts.folder / "config.json").read_text())
+    batches, warm = _draw_prompts(opts, min(config["vocab_size"], _tokenizer_size(opts.folder)))
     with tempfile.TemporaryDirectory(prefix="mlx-openelm-serve-bench-") as tmp, ExitStack() as st:
         tmp = Path(tmp)
-        served = folder
-        if q_bits:
-            print(f"quantising {folder} to {q_bits} bits", file=sys.stderr, flush=True)
-            served = quantized_folder(folder, tmp / f"q{q_bits}", q_bits)
-        urls, prompt_of = {}, {}
-        port = _free_port()
-        cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(served),
-               "--port", str(port), "--max-batch", str(slots)]  # fmt: skip
-        urls[SERVERS[0]] = st.enter_context(server(SERVERS[0], cmd, port, tmp))
-        prompt_of[SERVERS[0]] = lambda ids: ids
-        if binary:
-            gtype = llama.gguf_type("float32", q_bits)
-            print(f"exporting {served} to GGUF {gtype}", file=sys.stderr, flush=True)
-            gguf = llama.export(served, tmp / f"model-{gtype}.gguf", gtype)
-            port = _free_port()
-            context = slots * (prompt_tokens + max_tokens + 64)  # split among the slots
-            cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                   "-np", str(slots), "-c", str(context),
-                   "-t", str(threads), "-tb", str(threads)]  # fmt: skip
-            urls[SERVERS[1]] = st.enter_context(server(SERVERS[1], cmd, port, tmp))
-            prompt_of[SERVERS[1]] = lambda ids: ids
-        if mlx_lm:
-            from mlx_openelm.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(served)
-            port = _free_port()
-            cmd = ["mlx_lm.server", "--model", str(served), "--port", str(port)]
-            urls[SERVERS[2]] = st.enter_context(server(SERVERS[2], cmd, port, tmp))
-            prompt_of[SERVERS[2]] = tokenizer.decode  # it takes text only
-        ids = {name: _model_id(url) for name, url in urls.items()}
-        warm = draw()  # a prompt no request shares
-        for name, url in urls.items():  # warm up: first requests build and allocate
-            one_request(url, ids[name], prompt_of[name](warm), 4)
-        for r in range(rounds):
-            for n in clients:
-                for name, url in urls.items():
-                    prompts = [prompt_of[name](p) for p in batches[r, n]]
-                    row = {"server": name, "round": r, **run_clients(url, ids[name], prompts, n,
-                                                                     max_tokens)}  # fmt: skip
-                    print(f"  round {r + 1}: {name}, {n} clients: {row['aggregate_tok_s']:.1f} "
-                          f"tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50 "
-                          f"{row['itl_p50_ms']:.0f} ms", file=sys.stderr, flush=True)  # fmt: skip
-                    rows.append(row)
+        served = opts.folder
+        if opts.q_bits:
+            print(f"quantising {served} to {opts.q_bits} bits", file=sys.stderr, flush=True)
+            served = quantized_folder(served, tmp / f"q{opts.q_bits}", opts.q_bits)
+        urls, prompt_of = _start_servers(st, opts, served, binary, threads, tmp)
+        rows = _time_servers(opts, urls, prompt_of, batches, warm)
     if hasattr(os, "getloadavg"):
         info["load_average_end"] = list(os.getloadavg())
     report = {
-        "model": str(model),
-        "dtype": f"{q_bits}-bit" if q_bits else config.get("torch_dtype", "float32"),
-        "settings": {"clients": clients, "requests_per_client": requests, "rounds": rounds,
-                     "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "slots": slots,
-                     "llama_server_threads": threads, "seed": seed},
+        "model": str(opts.model),
+        "dtype": f"{opts.q_bits}-bit" if opts.q_bits else config.get("torch_dtype", "float32"),
+        "settings": {"clients": list(opts.clients), "requests_per_client": opts.requests,
+                     "rounds": opts.rounds, "prompt_tokens": opts.prompt_tokens,
+                     "max_tokens": opts.max_tokens, "slots": opts.slots,
+                     "llama_server_threads": threads, "seed": opts.seed},
         "command": " ".join(sys.argv), "machine": info, "rounds": rows,
         "results": summarize(rows),
     }  # fmt: skip
     report["ratios"] = ratios(report["results"])
     print_serve_report(report)
-    save(report, json_path, plot_path, serve_plot)
+    save(report, opts.json_path, opts.plot_path, serve_plot)
     return report
+
+
+def _draw_prompts(
+    opts: ServeOptions, vocab: int
+) -> tuple[dict[tuple[int, int], list[list[int]]], list[int]]:
+    """Each request's prompt ids by (round, client count), and a warm-up prompt none shares.
+
+    Its own ids per request in every round, so that no prompt cache serves one (the servers of a
+    round get the same ones); ids from 3: no unk/bos/eos.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(opts.seed)
+    draw = lambda: rng.integers(3, vocab, opts.prompt_tokens).tolist()  # noqa: E731
+    batches = {
+        (r, n): [draw() for _ in range(n * opts.requests)]
+        for r in range(opts.rounds)
+        for n in opts.clients
+    }
+    return batches, draw()
+
+
+def _start_servers(
+    stack: ExitStack, opts: ServeOptions, served: Path, binary: str | None, threads: int, tmp: Path
+) -> tuple[dict[str, str], dict[str, Callable[[list[int]], Any]]]:
+    """Start each server asked for on `served` (stopped when `stack` closes): its URL, and how it
+    takes a prompt (token ids, or text for mlx_lm.server)."""
+    urls, prompt_of = {}, {}
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(served),
+           "--port", str(port), "--max-batch", str(opts.slots)]  # fmt: skip
+    urls[SERVERS[0]] = stack.enter_context(server(SERVERS[0], cmd, port, tmp))
+    prompt_of[SERVERS[0]] = lambda ids: ids
+    if binary:
+        gtype = llama.gguf_type("float32", opts.q_bits)
+        print(f"exporting {served} to GGUF {gtype}", file=sys.stderr, flush=True)
+        gguf = llama.export(served, tmp / f"model-{gtype}.gguf", gtype)
+        port = _free_port()
+        context = opts.slots * (opts.prompt_tokens + opts.max_tokens + 64)  # split among slots
+        cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(opts.slots), "-c", str(context),
+               "-t", str(threads), "-tb", str(threads)]  # fmt: skip
+        urls[SERVERS[1]] = stack.enter_context(server(SERVERS[1], cmd, port, tmp))
+        prompt_of[SERVERS[1]] = lambda ids: ids
+    if opts.mlx_lm:
+        from mlx_openelm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(served)
+        port = _free_port()
+        cmd = ["mlx_lm.server", "--model", str(served), "--port", str(port)]
+        urls[SERVERS[2]] = stack.enter_context(server(SERVERS[2], cmd, port, tmp))
+        prompt_of[SERVERS[2]] = tokenizer.decode  # it takes text only
+    return urls, prompt_of
+
+
+def _time_servers(
+    opts: ServeOptions,
+    urls: dict[str, str],
+    prompt_of: dict[str, Callable[[list[int]], Any]],
+    batches: dict[tuple[int, int], list[list[int]]],
+    warm: list[int],
+) -> list[dict[str, Any]]:
+    """Warm every server up, then per round and client count run each server in turn, so that a
+    busy spell on the machine hits every server alike: one row per run."""
+    ids = {name: _model_id(url) for name, url in urls.items()}
+    for name, url in urls.items():  # warm up: first requests build and allocate
+        one_request(url, ids[name], prompt_of[name](warm), 4)
+    rows = []
+    for r in range(opts.rounds):
+        for n in opts.clients:
+            for name, url in urls.items():
+                prompts = [prompt_of[name](p) for p in batches[r, n]]
+                row = {"server": name, "round": r,
+                       **run_clients(url, ids[name], prompts, n, opts.max_tokens)}  # fmt: skip
+                print(f"  round {r + 1}: {name}, {n} clients: {row['aggregate_tok_s']:.1f} "
+                      f"tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50 "
+                      f"{row['itl_p50_ms']:.0f} ms", file=sys.stderr, flush=True)  # fmt: skip
+                rows.append(row)
+    return rows
 
 
 def _tokenizer_size(folder: Path) -> int:
