@@ -1,4 +1,4 @@
-// The one-row 4- and 8-bit products in integer dot products (VNNI, or AVX2's maddubs for 4-bit):
+// The decoding 4- and 8-bit products in integer dot products (VNNI, or AVX2's maddubs for 4-bit):
 // x split into int8 pieces, each 32-element block's products summed as integers. Per instruction
 // set, as ggml's arch/x86/quants.c: the float code of the other kernels is written once over VecW
 // (vec.h), these are not.
@@ -147,60 +147,90 @@ inline __m512 combine_pieces(const __m512* acc) {
 #endif
 static_assert(PIECES == 3, "combine_pieces sums three pieces");
 
-// Row n of a one-row 4-bit product; sr and br are its scales and biases as floats.
-inline void q4_row_vnni(const int8_t* pieces, const float* dl, const int32_t* sidx,
-                        const float* xsum, const uint8_t* w, const float* sr, const float* br,
-                        const float* res, float* out, int64_t K, int64_t gs, int64_t n) {
-  const int64_t row_bytes = K / 2, chunks = K / 64;
+// Row n of a 4-bit product for R input rows at once (sr, br: its scales and biases as floats;
+// pieces, dl, xsum, res and out of row r at r times their strides). Each chunk of weight bytes is
+// unpacked once for all R rows, and each row takes exactly the operations, in the order, that it
+// takes with R = 1, so a server's batch gives each row the bits it would get alone.
+template <int R>
+inline void q4_rows_vnni(const int8_t* pieces, int64_t piece_stride, const float* dl,
+                         const int32_t* sidx, const float* xsum, const uint8_t* w, const float* sr,
+                         const float* br, const float* res, float* out, int64_t N, int64_t K,
+                         int64_t gs, int64_t n) {
+  const int64_t row_bytes = K / 2, chunks = K / 64, groups = K / gs;
   const uint8_t* wr = w + n * row_bytes;
-  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
+  float total[R];
+  for (int r = 0; r < R; r++)
+    total[r] = bias_term(br, xsum + r * groups, groups) + (res ? res[r * N + n] : 0.0f);
   int64_t c = 0;
 #ifdef OE_VNNI512
   {
     const __m512i low4 = _mm512_set1_epi8(15);
-    __m512 acc[PIECES];
-    for (int p = 0; p < PIECES; p++) acc[p] = _mm512_setzero_ps();
+    __m512 acc[R][PIECES];
+    for (int r = 0; r < R; r++)
+      for (int p = 0; p < PIECES; p++) acc[r][p] = _mm512_setzero_ps();
     for (; c + 2 <= chunks; c += 2) {  // a block of 128: two chunks
       _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
       const __m512i bytes = _mm512_loadu_si512((const void*)(wr + c * 32));
       const __m512i lo = _mm512_and_si512(bytes, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-      __m512i sum[PIECES];
-      for (int p = 0; p < PIECES; p++) {
-        const int8_t* xp = pieces + p * K + c * 64;
-        sum[p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)),
-                                     hi, _mm512_loadu_si512(xp + 64));
+      const __m512 scale = lane_scales16(sr, sidx, 2 * c, gs);
+      for (int r = 0; r < R; r++) {
+        const int8_t* pr = pieces + r * piece_stride;
+        const __m512 mult = _mm512_mul_ps(scale, _mm512_loadu_ps(dl + r * (K / 8) + 8 * c));
+        for (int p = 0; p < PIECES; p++) {
+          const int8_t* xp = pr + p * K + c * 64;
+          const __m512i sum = _mm512_dpbusd_epi32(
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)), hi,
+              _mm512_loadu_si512(xp + 64));
+          acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), mult, acc[r][p]);
+        }
       }
-      const __m512 mult = _mm512_mul_ps(lane_scales16(sr, sidx, 2 * c, gs), _mm512_loadu_ps(dl + 8 * c));
-      for (int p = 0; p < PIECES; p++) acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[p]), mult, acc[p]);
     }
-    total += _mm512_reduce_add_ps(combine_pieces(acc));
+    for (int r = 0; r < R; r++) total[r] += _mm512_reduce_add_ps(combine_pieces(acc[r]));
   }
 #endif
   if (c == chunks) {
-    out[n] = total;
+    for (int r = 0; r < R; r++) out[r * N + n] = total[r];
     return;
   }
   const __m256i low4 = _mm256_set1_epi8(15);
-  __m256 acc[PIECES];
-  for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
+  __m256 acc[R][PIECES];
+  for (int r = 0; r < R; r++)
+    for (int p = 0; p < PIECES; p++) acc[r][p] = _mm256_setzero_ps();
   for (; c < chunks; c++) {
     _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
     const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + c * 32));
     const __m256i lo = _mm256_and_si256(bytes, low4);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
     const ChunkAt at = chunk_at(c, K);
-    __m256i sum[PIECES];
-    for (int p = 0; p < PIECES; p++) {
-      const int8_t* xp = pieces + p * K;
-      sum[p] = dot_nibbles(lo, _mm256_loadu_si256((const __m256i*)(xp + at.even)), hi,
-                           _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
-    }
     // Lanes 0-3 hold elements 0-31 of these 64, lanes 4-7 elements 32-63.
-    const __m256 mult = _mm256_mul_ps(lane_scales8(sr, sidx, 2 * c), _mm256_loadu_ps(dl + 8 * c));
-    for (int p = 0; p < PIECES; p++) acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p]), mult, acc[p]);
+    const __m256 scale = lane_scales8(sr, sidx, 2 * c);
+    for (int r = 0; r < R; r++) {
+      const int8_t* pr = pieces + r * piece_stride;
+      const __m256 mult = _mm256_mul_ps(scale, _mm256_loadu_ps(dl + r * (K / 8) + 8 * c));
+      for (int p = 0; p < PIECES; p++) {
+        const int8_t* xp = pr + p * K;
+        const __m256i sum = dot_nibbles(lo, _mm256_loadu_si256((const __m256i*)(xp + at.even)),
+                                        hi, _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
+        acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), mult, acc[r][p]);
+      }
+    }
   }
-  out[n] = total + hsum(combine_pieces(acc));
+  for (int r = 0; r < R; r++) out[r * N + n] = total[r] + hsum(combine_pieces(acc[r]));
+}
+
+// Input rows that q4_rows takes at once: more would spill the accumulators out of AVX2's 16
+// registers.
+constexpr int64_t Q4_ROWS = 4;
+
+template <class... Args>
+inline void q4_rows(int64_t rows, Args... args) {
+  switch (rows) {
+    case 1: return q4_rows_vnni<1>(args...);
+    case 2: return q4_rows_vnni<2>(args...);
+    case 3: return q4_rows_vnni<3>(args...);
+    default: return q4_rows_vnni<4>(args...);
+  }
 }
 
 #ifdef OE_VNNI
@@ -254,7 +284,7 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
 }
 #endif
 
-// Input rows that take the integer rows (one at a time each); more go to the float rows below.
+// Input rows that take the integer dots (a server's batch); more go to the float rows (q_row).
 constexpr int64_t MAX_INT8_ROWS = 16;
 
 // Whether the integer rows take this shape: whole 64-element chunks, none across two groups.

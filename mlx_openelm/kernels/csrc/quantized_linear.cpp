@@ -207,7 +207,8 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
         constexpr bool eight_bit = false;  // maddubs would saturate (dot_nibbles)
 #endif
         // One row (decoding), or a server's batch of single rows: each row takes the integer
-        // dots one by one while the weight row is in L1, so each gets what it would alone.
+        // dots that it would take alone, while the weight row is in L1 (4-bit rows share the
+        // unpacking of its bytes, four at a time).
         if (M <= MAX_INT8_ROWS && vnni_fits(K, gs) && (bits == 4 || eight_bit)) {
           // At a cache line's start, so that no 512-bit load of a piece spans two lines.
           const int64_t stride = (PIECES * K + 63) / 64 * 64;
@@ -225,12 +226,13 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
             for (int64_t n = n0; n < n1; n++) {
               const float* sr = as_floats(sp + n * groups, groups, buf.data());
               const float* br = as_floats(bp + n * groups, groups, buf.data() + groups);
-              for (int64_t m = 0; m < M; m++) {
+              for (int64_t m = 0; m < M; m += bits == 4 ? Q4_ROWS : 1) {
                 const int8_t* pm = pieces + m * stride;
                 const float *dm = dl.data() + m * (K / 8), *xs = xsum.data() + m * groups;
                 const float* rm = rp ? rp + m * N : nullptr;
                 if (bits == 4)
-                  q4_row_vnni(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
+                  q4_rows(std::min<int64_t>(Q4_ROWS, M - m), pm, stride, dm, sidx.data(), xs, wp,
+                          sr, br, rm, op + m * N, N, K, gs, n);
 #ifdef OE_VNNI
                 else
                   q8_row_vnni(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
