@@ -10,11 +10,12 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .. import hub
@@ -27,13 +28,14 @@ from ..adapters import (
     fuse_adapters,
 )
 from ..chat_template import adapter_template, folder_template, template_for_training
+from ..config import ModelArgs
 from ..errors import UserError
 from ..export.hf import export_hf
 from ..files import atomic_folder, read_json
 from ..loading import PATTERNS, load, save_model
 from ..tokenizer import require_tokenizer, write_tokenizer_files
 from .checkpoint import latest_checkpoint
-from .data import TokenizerLike, load_data_folder, tokenize
+from .data import Example, TokenizerLike, load_data_folder, tokenize
 from .distributed import check_on_rank0
 from .trainer import TrainingArgs, train
 
@@ -84,10 +86,7 @@ def lora(
         The last training figures (see `trainer.train`).
     """
     warmup = training.pop("warmup_steps", None)  # None: a share of the run, once it is known
-    try:
-        args = TrainingArgs(**training, warmup_steps=warmup or 0)
-    except TypeError as e:
-        raise UserError(f"unknown training option: {e}") from None
+    args = _training_args(training, warmup)
     adapter_path = Path(adapter_path)
     check_on_rank0(lambda: _check_folder(adapter_path, resume))  # others need not see it
     # Validate every data line before loading the model or writing anything.
@@ -96,38 +95,16 @@ def lora(
     base, model_tokenizer, model_args = load(folder, run_on_cpu=True)
     tokenizer = tokenizer or require_tokenizer(model_tokenizer, model)
     template = template_for_training(folder, chat_template)
-    train_set, stats = tokenize(splits["train"], tokenizer, args.max_seq_length, template)
-    val_set, _ = tokenize(splits.get("valid", []), tokenizer, args.max_seq_length, template)
-    if not train_set:
-        raise UserError(f"{data}/train.jsonl has no example with a target left to learn")
-    args = _schedule(args, epochs, warmup, len(train_set))
-    notes = [f"{v} training examples {k}" for k, v in stats.items() if v]
-    notes.append(
-        f"{args.iters} steps, warm-up {args.warmup_steps}"
-        + (" (10% of the run)" if warmup is None else "")
-    )
-
-    n_layers = len(base.layers) if num_layers is None else num_layers
-    if n_layers > len(base.layers):
-        raise UserError(f"num_layers {n_layers}: the model has only {len(base.layers)} blocks")
-    config = adapter_config(
-        n_layers, dora=dora, rank=rank, alpha=alpha, dropout=dropout, targets=targets
-    )
-
+    examples = _Examples.tokenize(splits, tokenizer, args.max_seq_length, template, data)
+    args = _schedule(args, epochs, warmup, len(examples.train))
+    config = _AdapterOptions(dora, rank, alpha, dropout, targets, num_layers).config(base)
     if resume:
         check_on_rank0(lambda: _check_same_options(adapter_path, config))
     mx.random.seed(args.seed)  # the adapters' initial A matrices
     apply_lora(base, config)
-    trainable = sum(v.size for _, v in tree_flatten(base.trainable_parameters()))
-    total = model_args.num_parameters()
 
     if mx.distributed.init().rank() == 0:
-        log.info(
-            f"{config['fine_tune_type']}: {trainable / 1e6:.3f}M trainable parameters "
-            f"({100 * trainable / total:.2f}% of {total / 1e6:.1f}M); "
-            f"{len(train_set)} training, {len(val_set)} validation examples"
-            + "".join(f"; {note}" for note in notes)
-        )
+        _log_start(base, model_args, config, examples, args, warmup is None)
         adapter_path.mkdir(parents=True, exist_ok=True)
         record = {**config, "base_model": str(model), "training": asdict(args)}
         if chat_template is not None:  # then chat, generate --chat and fuse use it too
@@ -135,13 +112,95 @@ def lora(
         (adapter_path / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return train(
         base,
-        train_set,
-        val_set,
+        examples.train,
+        examples.val,
         adapter_path,
         args,
         weights_file=ADAPTERS,
         resume=resume,
         progress=progress,
+    )
+
+
+def _training_args(training: dict[str, Any], warmup: int | None) -> TrainingArgs:
+    """The caller's options, checked before anything is loaded; the warm-up waits for `iters`."""
+    try:
+        return TrainingArgs(**training, warmup_steps=warmup or 0)
+    except TypeError as e:
+        raise UserError(f"unknown training option: {e}") from None
+
+
+@dataclass
+class _Examples:
+    """The tokenised splits, and how many training records were truncated or had no target."""
+
+    train: list[Example]
+    val: list[Example]
+    stats: dict[str, int]
+
+    @classmethod
+    def tokenize(
+        cls,
+        splits: dict[str, list[dict[str, Any]]],
+        tokenizer: TokenizerLike,
+        max_seq_length: int,
+        template: str,
+        data: str | Path,
+    ) -> _Examples:
+        """Refuses a training set with nothing to learn before the adapters are made."""
+        train_set, stats = tokenize(splits["train"], tokenizer, max_seq_length, template)
+        val_set, _ = tokenize(splits.get("valid", []), tokenizer, max_seq_length, template)
+        if not train_set:
+            raise UserError(f"{data}/train.jsonl has no example with a target left to learn")
+        return cls(train_set, val_set, stats)
+
+
+@dataclass
+class _AdapterOptions:
+    """The low-rank update as the caller chose it; its depth is known once the model is loaded."""
+
+    dora: bool
+    rank: int
+    alpha: float
+    dropout: float
+    targets: Sequence[str]
+    num_layers: int | None  # the last N blocks; None: all
+
+    def config(self, base: nn.Module) -> dict[str, Any]:
+        n_layers = len(base.layers) if self.num_layers is None else self.num_layers
+        if n_layers > len(base.layers):
+            raise UserError(f"num_layers {n_layers}: the model has only {len(base.layers)} blocks")
+        return adapter_config(
+            n_layers,
+            dora=self.dora,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=self.targets,
+        )
+
+
+def _log_start(
+    base: nn.Module,
+    model_args: ModelArgs,
+    config: dict[str, Any],
+    examples: _Examples,
+    args: TrainingArgs,
+    default_warmup: bool,
+) -> None:
+    """One line with the share of the model trained and the data's size, before the run starts."""
+    trainable = sum(v.size for _, v in tree_flatten(base.trainable_parameters()))
+    total = model_args.num_parameters()
+    notes = [f"{v} training examples {k}" for k, v in examples.stats.items() if v]
+    notes.append(
+        f"{args.iters} steps, warm-up {args.warmup_steps}"
+        + (" (10% of the run)" if default_warmup else "")
+    )
+    log.info(
+        f"{config['fine_tune_type']}: {trainable / 1e6:.3f}M trainable parameters "
+        f"({100 * trainable / total:.2f}% of {total / 1e6:.1f}M); "
+        f"{len(examples.train)} training, {len(examples.val)} validation examples"
+        + "".join(f"; {note}" for note in notes)
     )
 
 

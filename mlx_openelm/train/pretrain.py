@@ -13,7 +13,8 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,28 @@ def _training_args(training: dict[str, Any], seq_length: int, average_last: int)
         raise UserError(f"unknown training option: {e}") from None
 
 
+@dataclass
+class _Text:
+    """Where the documents come from and how they become packed sequences."""
+
+    data: str | Path
+    seq_length: int
+    val_fraction: float
+    doc_separator: str | None
+    min_doc: tuple[int, int]  # (characters, tokens): shorter documents are dropped
+
+
+@dataclass
+class _Corpus:
+    """The packed sequences, and the raw tokens that the counts and n-gram baselines need."""
+
+    train_tokens: np.ndarray
+    train_set: list
+    val_tokens: np.ndarray
+    val_set: list
+    dropped: int  # documents under the minimum length
+
+
 def _sequences(
     docs: list[str],
     tok: Tokenizer,
@@ -233,6 +256,153 @@ def _sequences(
     return tokens, sequences, stats
 
 
+def _corpus(
+    text: _Text, tok: Tokenizer, docs: tuple[list[str], list[str]], validate: bool
+) -> _Corpus:
+    """Tokenise and pack the (train, validation) documents; without validation none are packed."""
+    train_docs, val_docs = docs
+    if not validate:
+        val_docs = []
+    train_tokens, train_set, stats = _sequences(
+        train_docs, tok, text.seq_length, text.min_doc, text.data
+    )
+    val_tokens, val_set, _ = _sequences(val_docs, tok, text.seq_length, text.min_doc)
+    return _Corpus(train_tokens, train_set, val_tokens, val_set, stats["dropped"])
+
+
+def _check_folders(
+    out: Path,
+    export_hf_path: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    tokenizer: str | Path | None,
+) -> None:
+    """Both output folders, before any text is read: a mistake here costs nothing yet."""
+    export = None if export_hf_path is None else Path(export_hf_path)
+    if export is not None and export.exists() and any(export.iterdir()):
+        raise FileExistsError(f"{export} already exists: delete it or choose another path")
+    check_out_folder(out, resume, overwrite, tokenizer)
+
+
+@dataclass
+class _ModelSpec:
+    """The model's shape and tokenizer as the caller named them, resolved once the text is read."""
+
+    config: str | Path | None
+    preset: str | None
+    overrides: dict[str, Any] | None
+    tokenizer: str | Path | None
+    tokenizer_vocab_size: int  # when a tokenizer is trained on the text
+
+    def model_args(self, vocab_size: int) -> ModelArgs:
+        """The config; `vocab_size` fills it where neither the file nor the overrides give one."""
+        return build_config(self.config, self.preset, self.overrides, vocab_size=vocab_size)
+
+    def for_tokenizer(self, tok: Tokenizer) -> ModelArgs:
+        """The config that the tokenizer's ids fit: an embedding too small is the user's error."""
+        model_args = self.model_args(tok.vocab_size)
+        if model_args.vocab_size < tok.vocab_size:
+            raise UserError(
+                f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
+                f"{tok.vocab_size}: raise it or drop it from the config"
+            )
+        return model_args
+
+
+@dataclass
+class _Run:
+    """What a run is made of once its inputs are checked: the shape, the data, the model."""
+
+    out: Path
+    args: TrainingArgs
+    model_args: ModelArgs
+    corpus: _Corpus
+    model: Model
+    tok_path: Path
+
+
+def _log_start(run: _Run) -> None:
+    """One line with the model's size and the data's, to judge the run by before it starts."""
+    model_args, corpus, args = run.model_args, run.corpus, run.args
+    per_step = args.batch_size * args.grad_accumulation_steps
+    log.info(
+        f"OpenELM {model_args.num_parameters() / 1e6:.2f}M parameters "
+        f"({model_args.num_transformer_layers} layers, dim {model_args.model_dim}, "
+        f"vocab {model_args.vocab_size}); {len(corpus.train_tokens):,} training tokens in "
+        f"{len(corpus.train_set)} sequences of {args.max_seq_length}, "
+        f"{len(corpus.val_set)} validation sequences; {args.iters} steps of {per_step} sequences "
+        f"(~{args.iters * per_step / len(corpus.train_set):.1f} epochs)"
+        + (f"; {corpus.dropped} short documents dropped" if corpus.dropped else "")
+    )
+
+
+def _prepare(
+    out: Path, text: _Text, spec: _ModelSpec, args: TrainingArgs, resume: bool, overwrite: bool
+) -> _Run:
+    """Read the text, make or read the tokenizer, pack the sequences and build the model.
+
+    Everything a user can get wrong is checked before the model is built or a file written.
+    """
+    rank0 = mx.distributed.init().rank() == 0
+    docs = read_documents(text.data, text.doc_separator)
+    split = split_documents(docs, text.val_fraction, args.seed)
+    spec.model_args(spec.tokenizer_vocab_size)  # fail early
+    if overwrite and rank0 and out.exists():
+        shutil.rmtree(out)
+    tok_path = _tokenizer_for(
+        out, spec.tokenizer, text.data, resume, spec.tokenizer_vocab_size, text.doc_separator
+    )
+    tok = Tokenizer(tok_path)
+    model_args = spec.for_tokenizer(tok)
+    corpus = _corpus(text, tok, split, validate=args.steps_per_eval != 0)
+    model = Model(model_args)
+    init_weights(model, model_args, args.seed)
+    run = _Run(out, args, model_args, corpus, model, tok_path)
+    if rank0:
+        _log_start(run)
+    return run
+
+
+def _write_model_files(run: _Run, folder: Path, step: int) -> None:
+    """At each save the top of `out` becomes an MLX model folder: config, tokenizer, weights."""
+    config = json.dumps(run.model_args.to_dict(), indent=2, sort_keys=True)
+    (folder / "config.json").write_text(config + "\n")
+    if not (folder / "tokenizer_config.json").is_file():
+        write_tokenizer_files(folder, run.tok_path, run.model_args.max_context_length)
+
+
+def _training_summary(run: _Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The run's figures so far, adding this session's to those of the sessions before it."""
+    out = run.out
+    previous = read_json(out / SUMMARY) if (out / SUMMARY).is_file() else {}
+    trained_now = not math.isnan(result["train_loss"])  # NaN: the run had already finished
+    return {
+        "parameters": run.model_args.num_parameters(),
+        "train_tokens_available": int(len(run.corpus.train_tokens)),
+        "trained_tokens": result["trained_tokens"],
+        "steps": result["step"],
+        # Wall time of the sessions that trained (an interrupted session is not counted).
+        "seconds": round(previous.get("seconds", 0.0) + (seconds if trained_now else 0.0), 1),
+        "train_loss": result["train_loss"] if trained_now else previous.get("train_loss"),
+        "training": asdict(run.args),
+        "seq_length": run.args.max_seq_length,
+    }
+
+
+def _validation_summary(run: _Run) -> dict[str, Any]:
+    """Validation loss and perplexity, beside the n-gram baselines that give them a scale."""
+    corpus = run.corpus
+    with guard(mx.distributed.init()):  # its losses are summed over the ranks
+        val_loss = evaluate(run.model, corpus.val_set, run.args.batch_size)
+    targets = corpus.val_tokens[: len(corpus.val_set) * run.args.max_seq_length + 1]
+    return dict(
+        val_tokens=int(len(targets) - 1),
+        val_loss=val_loss,
+        val_ppl=math.exp(val_loss),
+        **ngram_baselines(corpus.train_tokens, targets, run.model_args.vocab_size),
+    )
+
+
 def _load_average(model: Model, out: Path, k: int) -> None:
     """Load the average of the last `k` checkpoints into `model` and save it as the weights.
 
@@ -244,6 +414,21 @@ def _load_average(model: Model, out: Path, k: int) -> None:
     model.load_weights(list(weights.items()))
     if mx.distributed.init().rank() == 0:
         mx.save_safetensors(str(out / WEIGHTS), weights)
+
+
+def _save_summary(
+    run: _Run, summary: dict[str, Any], export_hf_path: str | Path | None, hf_dtype: str | None
+) -> None:
+    """Rank 0 writes the figures and the export: the other machines may not see `out`."""
+    (run.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if export_hf_path is not None:
+        export_hf(
+            run.model,
+            run.model_args,
+            export_hf_path,
+            dtype=hf_dtype,
+            tokenizer_file=run.out / TOKENIZER_FILE,
+        )
 
 
 def pretrain(
@@ -295,105 +480,22 @@ def pretrain(
         The run's figures (also in `out/pretrain.json`): losses, perplexities, tokens, time.
     """
     out = Path(out)
-
-    def check_folders() -> None:
-        export = None if export_hf_path is None else Path(export_hf_path)
-        if export is not None and export.exists() and any(export.iterdir()):
-            raise FileExistsError(f"{export} already exists: delete it or choose another path")
-        check_out_folder(out, resume, overwrite, tokenizer)
-
-    check_on_rank0(check_folders)  # the other machines need not see `out`
+    # The other machines need not see `out`.
+    check_on_rank0(lambda: _check_folders(out, export_hf_path, resume, overwrite, tokenizer))
     args = _training_args(training, seq_length, average_last)
-
-    # Everything a user can get wrong is checked before the model is built or a file written.
-    rank0 = mx.distributed.init().rank() == 0
-    docs = read_documents(data, doc_separator)
-    train_docs, val_docs = split_documents(docs, val_fraction, args.seed)
-    build_config(config, preset, overrides, vocab_size=tokenizer_vocab_size)  # fail early
-    if overwrite and rank0 and out.exists():
-        shutil.rmtree(out)
-    tok_path = _tokenizer_for(out, tokenizer, data, resume, tokenizer_vocab_size, doc_separator)
-    tok = Tokenizer(tok_path)
-    model_args = build_config(config, preset, overrides, vocab_size=tok.vocab_size)
-    if model_args.vocab_size < tok.vocab_size:
-        raise UserError(
-            f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
-            "raise it or drop it from the config"
-        )
-    if args.steps_per_eval == 0:
-        val_docs = []
-    min_doc = (min_doc_chars, min_doc_tokens)
-    train_tokens, train_set, stats = _sequences(train_docs, tok, seq_length, min_doc, data)
-    val_tokens, val_set, _ = _sequences(val_docs, tok, seq_length, min_doc)
-
-    model = Model(model_args)
-    init_weights(model, model_args, args.seed)
-    per_step = args.batch_size * args.grad_accumulation_steps
-    if rank0:
-        log.info(
-            f"OpenELM {model_args.num_parameters() / 1e6:.2f}M parameters "
-            f"({model_args.num_transformer_layers} layers, dim {model_args.model_dim}, "
-            f"vocab {model_args.vocab_size}); {len(train_tokens):,} training tokens in "
-            f"{len(train_set)} sequences of {seq_length}, {len(val_set)} validation sequences; "
-            f"{args.iters} steps of {per_step} sequences "
-            f"(~{args.iters * per_step / len(train_set):.1f} epochs)"
-            + (f"; {stats['dropped']} short documents dropped" if stats["dropped"] else "")
-        )
-
-    def write_folder(folder: Path, step: int) -> None:
-        # At each save the top of `out` becomes an MLX model folder: config, tokenizer, weights.
-        config = json.dumps(model_args.to_dict(), indent=2, sort_keys=True)
-        (folder / "config.json").write_text(config + "\n")
-        if not (folder / "tokenizer_config.json").is_file():
-            write_tokenizer_files(folder, tok_path, model_args.max_context_length)
-
+    text = _Text(data, seq_length, val_fraction, doc_separator, (min_doc_chars, min_doc_tokens))
+    spec = _ModelSpec(config, preset, overrides, tokenizer, tokenizer_vocab_size)
+    run = _prepare(out, text, spec, args, resume, overwrite)
     tic = time.perf_counter()
-    result = train(
-        model,
-        train_set,
-        val_set,
-        out,
-        args,
-        weights_file=WEIGHTS,
-        resume=resume,
-        on_save=write_folder,
-        progress=progress,
-    )
-    seconds = time.perf_counter() - tic
-    previous = read_json(out / SUMMARY) if (out / SUMMARY).is_file() else {}
-    trained_now = not math.isnan(result["train_loss"])  # NaN: the run had already finished
-    summary: dict[str, Any] = {
-        "parameters": model_args.num_parameters(),
-        "train_tokens_available": int(len(train_tokens)),
-        "trained_tokens": result["trained_tokens"],
-        "steps": result["step"],
-        # Wall time of the sessions that trained (an interrupted session is not counted).
-        "seconds": round(previous.get("seconds", 0.0) + (seconds if trained_now else 0.0), 1),
-        "train_loss": result["train_loss"] if trained_now else previous.get("train_loss"),
-        "training": asdict(args),
-        "seq_length": seq_length,
-    }
+    result = train(run.model, run.corpus.train_set, run.corpus.val_set, out, args,
+                   weights_file=WEIGHTS, resume=resume, on_save=partial(_write_model_files, run),
+                   progress=progress)  # fmt: skip
+    summary = _training_summary(run, result, time.perf_counter() - tic)
     if average_last > 1:
-        _load_average(model, out, average_last)
+        _load_average(run.model, out, average_last)
         summary["averaged_checkpoints"] = average_last
-    if val_set:
-        with guard(mx.distributed.init()):  # its losses are summed over the ranks
-            val_loss = evaluate(model, val_set, args.batch_size)
-        targets = val_tokens[: len(val_set) * seq_length + 1]
-        summary.update(
-            val_tokens=int(len(targets) - 1),
-            val_loss=val_loss,
-            val_ppl=math.exp(val_loss),
-            **ngram_baselines(train_tokens, targets, model_args.vocab_size),
-        )
-    if rank0:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if export_hf_path is not None:
-            export_hf(
-                model,
-                model_args,
-                export_hf_path,
-                dtype=hf_dtype,
-                tokenizer_file=out / TOKENIZER_FILE,
-            )
+    if run.corpus.val_set:
+        summary.update(_validation_summary(run))
+    if mx.distributed.init().rank() == 0:
+        _save_summary(run, summary, export_hf_path, hf_dtype)
     return summary

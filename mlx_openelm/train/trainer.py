@@ -277,6 +277,99 @@ def _optimizer_step(
     return step_loss, step_targets, tokens, norm
 
 
+@dataclass
+class _Run:
+    """What the loop's steps, validations and saves share, so each can be a function of its own."""
+
+    model: nn.Module
+    optimizer: optim.Optimizer
+    args: TrainingArgs
+    out_dir: Path
+    group: mx.distributed.Group
+    meta: dict[str, Any]  # the checkpoint's record: step, trained tokens, args, world size
+    metrics: MetricsLog
+    bar: TrainProgress
+    weights_file: str
+    loss: Callable
+    val_set: Sequence[Example] | None
+    on_save: Callable[[Path, int], None] | None
+    last: dict[str, Any]  # the figures `train` returns, updated at each report and validation
+
+    @property
+    def validates(self) -> bool:
+        return self.val_set is not None and len(self.val_set) > 0 and self.args.steps_per_eval > 0
+
+    def save(self, step_no: int) -> None:
+        self.meta.update(step=step_no, args=asdict(self.args), world_size=self.group.size())
+        if self.group.rank() == 0:
+            keep = self.args.keep_checkpoints
+            save_checkpoint(
+                self.out_dir, self.weights_file, self.model, self.optimizer, self.meta, keep
+            )
+            heartbeat()
+            if self.on_save is not None:
+                self.on_save(self.out_dir, step_no)
+
+    def validate(self, step_no: int) -> None:
+        a = self.args
+        val = evaluate(self.model, self.val_set, a.batch_size, a.val_batches, self.loss, self.group)
+        self.metrics.write({"step": step_no, "val_loss": val})
+        self.bar.print(f"step {step_no}: val loss {val:.3f}")
+        self.last["val_loss"] = val
+
+
+def _loop(
+    run: _Run,
+    step: Callable,
+    state: list,
+    train_set: Sequence[Example],
+    start: int,
+    stop: _StopRequest,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+) -> None:
+    """Optimizer steps from `start` to the end, each followed by what falls due at it (report,
+    validation, save), and a stop that every rank takes at the same step."""
+    args, world = run.args, run.group.size()
+    if run.validates and start == 0:
+        run.validate(0)
+    window = Window()
+    for it in range(start, args.iters):
+        tic = time.perf_counter()
+        step_loss, step_targets, tokens, norm = _optimizer_step(
+            step, state, train_set, args, it, run.group
+        )
+        votes = mx.array(float(stop.requested))
+        if world > 1:  # one small all-reduce: the global loss for the bar, and stop together
+            step_loss, votes = mx.distributed.all_sum(mx.stack([step_loss, votes]))
+        window.add(step_loss, step_targets, tokens)
+        window.time += time.perf_counter() - tic
+        run.meta["trained_tokens"] += window.last_tokens
+        step_no = it + 1
+        lr = run.optimizer.learning_rate.item()
+        run.bar.update(
+            step_no, window.mean_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
+        )
+        if step_no % args.steps_per_report == 0 or step_no == args.iters:
+            run.last.update(report_window(run.metrics, run.bar, window, step_no, lr, norm.item()))
+            window = Window()
+        if run.validates and (step_no % args.steps_per_eval == 0 or step_no == args.iters):
+            run.validate(step_no)
+        if on_step is not None:
+            on_step(
+                step_no, {"loss": step_loss.item() / max(step_targets, 1.0), "learning_rate": lr}
+            )
+        # Stop together, or the others would wait in a collective (Ctrl-C may reach only
+        # some ranks: on other machines, none).
+        stopping = stop.requested if world == 1 else votes.item() > 0
+        if step_no % args.steps_per_save == 0 or step_no == args.iters or stopping:
+            run.save(step_no)
+        if stopping:
+            run.bar.print(
+                f"interrupted at step {step_no}: saved to {run.out_dir}; continue with --resume"
+            )
+            raise KeyboardInterrupt
+
+
 def train(
     model: nn.Module,
     train_set: Sequence[Example],
@@ -313,31 +406,14 @@ def train(
     args = args or TrainingArgs()
     out_dir = Path(out_dir)
     group = mx.distributed.init()
-    world, writer = group.size(), group.rank() == 0
+    writer = group.rank() == 0
     optimizer = make_optimizer(args)
     meta = _start(model, optimizer, train_set, out_dir, args, weights_file, resume, group)
     start = meta["step"]
-    validate = val_set is not None and len(val_set) > 0 and args.steps_per_eval > 0
     metrics = MetricsLog(out_dir / METRICS if writer else None, start if resume else None)
     if not resume and writer:
         (out_dir / METRICS).unlink(missing_ok=True)
     step, state = _compiled_step(model, optimizer, loss, args)
-
-    def save(step_no: int) -> None:
-        meta.update(step=step_no, args=asdict(args), world_size=world)
-        if writer:
-            save_checkpoint(out_dir, weights_file, model, optimizer, meta, args.keep_checkpoints)
-            heartbeat()
-            if on_save is not None:
-                on_save(out_dir, step_no)
-
-    def run_eval(step_no: int) -> float:
-        val = evaluate(model, val_set, args.batch_size, args.val_batches, loss, group)
-        metrics.write({"step": step_no, "val_loss": val})
-        bar.print(f"step {step_no}: val loss {val:.3f}")
-        return val
-
-    window = Window()
     last: dict[str, Any] = {"train_loss": float("nan"), "val_loss": None, "tokens_per_sec": 0.0}
     if start >= args.iters:
         if writer:
@@ -345,46 +421,11 @@ def train(
         return {"step": start, "trained_tokens": meta["trained_tokens"], **last}
     model.train()
     bar = TrainProgress(args.iters, start, enabled=progress and writer)
+    run = _Run(model, optimizer, args, out_dir, group, meta, metrics, bar, weights_file, loss,
+               val_set, on_save, last)  # fmt: skip
     blocks = keyed_blocks(type(model.layers[0]), args.grad_checkpoint)
     with bar, _StopRequest(bar) as stop, blocks, guard(group):
-        if validate and start == 0:
-            last["val_loss"] = run_eval(0)
-        for it in range(start, args.iters):
-            tic = time.perf_counter()
-            step_loss, step_targets, tokens, norm = _optimizer_step(
-                step, state, train_set, args, it, group
-            )
-            votes = mx.array(float(stop.requested))
-            if world > 1:  # one small all-reduce: the global loss for the bar, and stop together
-                step_loss, votes = mx.distributed.all_sum(mx.stack([step_loss, votes]))
-            window.add(step_loss, step_targets, tokens)
-            window.time += time.perf_counter() - tic
-            meta["trained_tokens"] += window.last_tokens
-            step_no = it + 1
-            lr = optimizer.learning_rate.item()
-            bar.update(
-                step_no, window.mean_loss(), lr, window.tokens_per_sec(), mx.get_peak_memory()
-            )
-            if step_no % args.steps_per_report == 0 or step_no == args.iters:
-                last.update(report_window(metrics, bar, window, step_no, lr, norm.item()))
-                window = Window()
-            if validate and (step_no % args.steps_per_eval == 0 or step_no == args.iters):
-                last["val_loss"] = run_eval(step_no)
-            if on_step is not None:
-                on_step(
-                    step_no,
-                    {"loss": step_loss.item() / max(step_targets, 1.0), "learning_rate": lr},
-                )
-            # Stop together, or the others would wait in a collective (Ctrl-C may reach only
-            # some ranks: on other machines, none).
-            stopping = stop.requested if world == 1 else votes.item() > 0
-            if step_no % args.steps_per_save == 0 or step_no == args.iters or stopping:
-                save(step_no)
-            if stopping:
-                bar.print(
-                    f"interrupted at step {step_no}: saved to {out_dir}; continue with --resume"
-                )
-                raise KeyboardInterrupt
+        _loop(run, step, state, train_set, start, stop, on_step)
     if writer:
         note = plot_loss_curve(out_dir / METRICS, out_dir / LOSS_CURVE)
         if note:
