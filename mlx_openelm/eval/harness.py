@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependency, UserError
 from ..tasks import LOCAL_TASKS, TASKS_DIR
-from .report import describe_model
+from .report import describe_model, write_report
 from .scoring import ScoreStats
 
 INSTALL_HINT = (
@@ -42,6 +42,93 @@ def task_manager(tasks: Sequence[str]):
             "winogrande, ...) download their data from the Hub; `lm-eval ls tasks` lists them"
         )
     return manager
+
+
+@dataclass
+class _Run:
+    """One call's lm-eval settings, which the report repeats beside the results."""
+
+    tasks: list[str]
+    limit: int | None
+    num_fewshot: int | None
+    seed: int
+    log_samples: bool
+
+
+def _task_names(
+    tasks: Sequence[str] | str, limit: int | None, num_fewshot: int | None, batch_size: int
+) -> list[str]:
+    """The task list, once the options are checked: before lm-eval's slow import and the model."""
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise UserError("Name at least one task, e.g. --tasks hellaswag_local")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    return tasks
+
+
+def _run_tasks(lm: Any, manager: Any, run: _Run) -> tuple[dict[str, Any], float]:
+    """lm-eval's results and the seconds they took; every seed is `run.seed`, so runs repeat."""
+    import lm_eval
+
+    tic = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=run.tasks,
+        num_fewshot=run.num_fewshot,
+        limit=run.limit,
+        task_manager=manager,
+        log_samples=run.log_samples,
+        random_seed=run.seed,
+        numpy_random_seed=run.seed,
+        torch_random_seed=None,  # nothing here uses torch
+        fewshot_random_seed=run.seed,
+    )
+    return results, time.perf_counter() - tic
+
+
+def _report(lm: Any, run: _Run, results: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The results with what they depend on (settings, model, versions) and the speed."""
+    items = sum(n["effective"] for n in results["n-samples"].values())
+    report = {
+        "tasks": run.tasks,
+        "results": results["results"],
+        "groups": results.get("groups", {}),
+        "n_samples": results["n-samples"],
+        "num_fewshot": run.num_fewshot,
+        "limit": run.limit,
+        "batch_size": lm.batch_size,
+        "max_length": lm.max_length,
+        **describe_model(lm.model, lm.path, lm.adapter_path),
+        "speed": {
+            "seconds": round(seconds, 3),
+            "items": items,
+            "items_per_s": round(items / max(seconds, 1e-9), 3),
+            "scoring": lm.stats.as_dict(),
+        },
+    }
+    if run.log_samples:
+        report["samples"] = results["samples"]
+    return report
+
+
+def _print_summary(results: dict[str, Any], report: dict[str, Any], seconds: float) -> None:
+    """lm-eval's table on stdout; the speed on stderr, so that the table can be piped alone."""
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    speed = report["speed"]
+    sc = speed["scoring"]
+    print(
+        f"{speed['items']} items in {seconds:.1f} s: {speed['items_per_s']:.2f} items/s "
+        f"(scoring {sc['requests_per_s']:.1f} requests/s, {sc['tokens_per_s']:.0f} tokens/s)",
+        file=sys.stderr,
+    )
 
 
 def evaluate(
@@ -79,20 +166,9 @@ def evaluate(
         The report: per-task metrics, item counts, the model (folder, adapter, dtype, bits),
         versions, and speed (items/s and the scorer's requests/s and tokens/s).
     """
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    tasks = [t for t in tasks if t]
-    if not tasks:
-        raise UserError("Name at least one task, e.g. --tasks hellaswag_local")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    tasks = _task_names(tasks, limit, num_fewshot, batch_size)
+    run = _Run(tasks, limit, num_fewshot, seed, log_samples)
     require_lm_eval()
-    import lm_eval
-    from lm_eval.utils import make_table
-
     from .lm import MLXOpenELM
 
     manager = task_manager(tasks)  # before loading the model: a typo fails fast
@@ -104,49 +180,9 @@ def evaluate(
             max_length=max_length,
         )
     lm.stats = ScoreStats()  # this run's figures only
-    tic = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=None,  # nothing here uses torch
-        fewshot_random_seed=seed,
-    )
-    seconds = time.perf_counter() - tic
-    items = sum(n["effective"] for n in results["n-samples"].values())
-    report = {
-        "tasks": tasks,
-        "results": results["results"],
-        "groups": results.get("groups", {}),
-        "n_samples": results["n-samples"],
-        "num_fewshot": num_fewshot,
-        "limit": limit,
-        "batch_size": lm.batch_size,
-        "max_length": lm.max_length,
-        **describe_model(lm.model, lm.path, lm.adapter_path),
-        "speed": {
-            "seconds": round(seconds, 3),
-            "items": items,
-            "items_per_s": round(items / max(seconds, 1e-9), 3),
-            "scoring": lm.stats.as_dict(),
-        },
-    }
-    if log_samples:
-        report["samples"] = results["samples"]
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    results, seconds = _run_tasks(lm, manager, run)
+    report = _report(lm, run, results, seconds)
+    write_report(report, output)
     if verbose:
-        print(make_table(results))
-        sc = report["speed"]["scoring"]
-        print(
-            f"{items} items in {seconds:.1f} s: {report['speed']['items_per_s']:.2f} items/s "
-            f"(scoring {sc['requests_per_s']:.1f} requests/s, {sc['tokens_per_s']:.0f} tokens/s)",
-            file=sys.stderr,
-        )
+        _print_summary(results, report, seconds)
     return report

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .report import describe_model
+from .report import describe_model, write_report
 from .scoring import ScoreStats, score_rolling
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -55,6 +56,75 @@ def read_documents(data: str | Path) -> list[tuple[str, str]]:
     return docs
 
 
+def _check_options(context: int | None, stride: int | None, batch_size: int) -> None:
+    """What can fail before the model is loaded (the stride again once the window is known)."""
+    if context is not None and context < 1:
+        raise UserError(f"--context must be at least 1, got {context}")
+    if stride is not None and not 1 <= stride <= (context or stride):
+        raise UserError(f"--stride must be between 1 and the context, got {stride}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def _load(
+    model: str, adapter_path: str | Path | None, loaded: tuple[Any, Any] | None
+) -> tuple[Any, Any]:
+    """(model, tokenizer): the caller's own pair, or loaded for the CPU as well as a GPU."""
+    if loaded is not None:
+        return loaded
+    from ..loading import load
+    from ..tokenizer import require_tokenizer
+
+    m, tokenizer, _ = load(model, adapter_path=adapter_path, run_on_cpu=True)
+    return m, require_tokenizer(tokenizer, model)
+
+
+@dataclass
+class _Scored:
+    """Each document's text, tokens and log-likelihood, and the window that scored them."""
+
+    docs: list[tuple[str, str]]
+    ids: list[list[int]]
+    totals: list[float]
+    context: int
+    stride: int
+
+    def figures(self) -> dict[str, Any]:
+        """Perplexity per token, bits per byte (comparable across tokenizers), per document."""
+        tokens = sum(len(t) for t in self.ids)
+        nbytes = sum(len(text.encode("utf-8")) for _, text in self.docs)
+        nll = -sum(self.totals)
+        return {
+            "documents": len(self.docs),
+            "tokens": tokens,
+            "bytes": nbytes,
+            "loglikelihood": sum(self.totals),
+            "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": nll / math.log(2) / nbytes,
+            "context": self.context,
+            "stride": self.stride,
+            "per_document": [
+                {
+                    "name": name,
+                    "tokens": len(t),
+                    "loglikelihood": ll,
+                    "perplexity": math.exp(-ll / len(t)),
+                }
+                for (name, _), t, ll in zip(self.docs, self.ids, self.totals, strict=True)
+            ],
+        }
+
+
+def _print_result(report: dict[str, Any]) -> None:
+    """The figure on stdout; the speed on stderr, so that the figure can be piped alone."""
+    print(
+        f"perplexity {report['perplexity']:.4f} ({report['bits_per_byte']:.4f} bits/byte) "
+        f"over {report['tokens']} tokens in {report['documents']} document(s); "
+        f"window {report['context']}, stride {report['stride']}"
+    )
+    print(f"{report['speed']['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+
+
 def perplexity(
     model: str,
     data: str | Path,
@@ -85,21 +155,9 @@ def perplexity(
         The report: perplexity (exp of the mean negative log-likelihood per token), bits per
         byte, counts, per-document figures, the model (folder, adapter, dtype, bits), speed.
     """
-    if context is not None and context < 1:
-        raise UserError(f"--context must be at least 1, got {context}")
-    if stride is not None and not 1 <= stride <= (context or stride):
-        raise UserError(f"--stride must be between 1 and the context, got {stride}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_options(context, stride, batch_size)
     docs = read_documents(data)
-    if loaded is None:
-        from ..loading import load
-        from ..tokenizer import require_tokenizer
-
-        m, tokenizer, _ = load(model, adapter_path=adapter_path, run_on_cpu=True)
-        tokenizer = require_tokenizer(tokenizer, model)
-    else:
-        m, tokenizer = loaded
+    m, tokenizer = _load(model, adapter_path, loaded)
     context = context or m.args.max_context_length
     if stride is not None and stride > context:
         raise UserError(f"--stride {stride} is larger than the context {context}")
@@ -109,43 +167,17 @@ def perplexity(
         m, ids, prefix=tokenizer.bos_id, context=context, stride=stride,
         batch_size=batch_size, stats=stats, progress=verbose,
     )  # fmt: skip
-    tokens = sum(len(t) for t in ids)
-    if tokens == 0:
+    if sum(len(t) for t in ids) == 0:
         raise UserError(f"{data} has no text to score (only whitespace)")
-    nbytes = sum(len(text.encode("utf-8")) for _, text in docs)
-    nll = -sum(totals)
     report = {
         "data": str(data),
-        "documents": len(docs),
-        "tokens": tokens,
-        "bytes": nbytes,
-        "loglikelihood": sum(totals),
-        "perplexity": math.exp(nll / tokens),
-        "bits_per_byte": nll / math.log(2) / nbytes,
-        "context": context,
-        "stride": stride or context,
-        "per_document": [
-            {
-                "name": name,
-                "tokens": len(t),
-                "loglikelihood": ll,
-                "perplexity": math.exp(-ll / len(t)),
-            }
-            for (name, _), t, ll in zip(docs, ids, totals, strict=True)
-        ],
+        **_Scored(docs, ids, totals, context, stride or context).figures(),
         **describe_model(
             m, None if loaded else str(model), None if adapter_path is None else str(adapter_path)
         ),
         "speed": stats.as_dict(),
     }
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, output)
     if verbose:
-        print(
-            f"perplexity {report['perplexity']:.4f} ({report['bits_per_byte']:.4f} bits/byte) "
-            f"over {tokens} tokens in {len(docs)} document(s); window {context}, "
-            f"stride {report['stride']}"
-        )
-        print(f"{stats.as_dict()['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        _print_result(report)
     return report

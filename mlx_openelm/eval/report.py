@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -58,3 +59,10 @@ def describe_model(model: nn.Module, path: str | None, adapter_path: str | None)
         "max_context_length": args.max_context_length,
         "versions": versions(),
     }
+
+
+def write_report(report: dict[str, Any], output: str | Path | None) -> None:
+    """Write `report` as JSON to `output` (nothing when None), making its folder."""
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2, default=str) + "\n")
