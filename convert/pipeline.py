@@ -98,6 +98,46 @@ def read_source(source: str | Path, config_yaml: str | Path | None = None) -> So
     return Source(args, read_hf_weights(path), tokenizer if tokenizer.is_file() else None)
 
 
+def _tokenizer(
+    src: Source, explicit: tuple[Path, str] | None, no_tokenizer: bool
+) -> tuple[Path | None, str]:
+    """(tokenizer.model or None, where it came from); one with more pieces than the model has
+    embeddings belongs to another checkpoint."""
+    args = src.args
+    tok, tok_origin = explicit or resolve_tokenizer(
+        src.tokenizer, None, args.vocab_size, fetch_default=not no_tokenizer
+    )
+    if tok is not None and (pieces := Tokenizer(tok).vocab_size) > args.vocab_size:
+        raise UserError(
+            f"{tok} has {pieces} pieces but the model only {args.vocab_size} embeddings: "
+            "wrong tokenizer for this checkpoint"
+        )
+    return tok, tok_origin
+
+
+def _log_plan(source: str | Path, src: Source, target: mx.Dtype, *notes: str) -> int:
+    """Say what is about to be converted, before the minutes it takes; returns its bytes.
+
+    `notes` (the tokenizer's and template's origins) follow what reading the source changed.
+    """
+    args, tensors = src.args, src.tensors
+    for note in [*src.notes, *notes]:
+        log.info(note)
+    src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
+    nbytes = sum(t.nbytes for t in tensors.values())
+    log.info(f"{len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
+    if target == mx.float16 and args.model_dim >= 3072:
+        log.warning(
+            "note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)"
+        )
+    n_params = sum(math.prod(t.shape) for t in tensors.values())
+    log.info(
+        f"OpenELM {args.num_transformer_layers} layers, model_dim {args.model_dim}: "
+        f"{n_params / 1e6:,.2f} M parameters, {str(target).removeprefix('mlx.core.')}"
+    )
+    return nbytes
+
+
 def convert(
     source: str | Path,
     out: str | Path,
@@ -140,7 +180,6 @@ def convert(
         The output folder.
     """
     target = _check_options(dtype, quantize, q_bits, q_group_size)
-    dtype = str(target).removeprefix("mlx.core.")
     out = Path(out)
     check_writable(out, overwrite)  # before the (possibly long) reading and checking
     if no_tokenizer and tokenizer is not None:
@@ -152,31 +191,10 @@ def convert(
     src = read_source(source, config_yaml)
     args, tensors = src.args, src.tensors
     validate(tensors, args, str(source))
-    tok, tok_origin = explicit or resolve_tokenizer(
-        src.tokenizer, None, args.vocab_size, fetch_default=not no_tokenizer
-    )
-    if tok is not None and (pieces := Tokenizer(tok).vocab_size) > args.vocab_size:
-        raise UserError(
-            f"{tok} has {pieces} pieces but the model only {args.vocab_size} embeddings: "
-            "wrong tokenizer for this checkpoint"
-        )
-    for note in src.notes:
-        log.info(note)
-    log.info(f"tokenizer: {tok_origin}")
-    log.info(f"chat template: {template_origin if tok is not None else 'none (no tokenizer)'}")
-    src_dtypes = ", ".join(sorted({t.dtype for t in tensors.values()}))
-    nbytes = sum(t.nbytes for t in tensors.values())
-    log.info(f"{len(tensors)} tensors ({src_dtypes}, {_mb(nbytes)}) from {source}")
-    if target == mx.float16 and args.model_dim >= 3072:
-        log.warning(
-            "note: OpenELM-3B needs bfloat16's range; float16 may overflow (CoreNet's advice)"
-        )
-
-    n_params = sum(math.prod(t.shape) for t in tensors.values())
-    log.info(
-        f"OpenELM {args.num_transformer_layers} layers, model_dim {args.model_dim}: "
-        f"{n_params / 1e6:,.2f} M parameters, {dtype}"
-    )
+    tok, tok_origin = _tokenizer(src, explicit, no_tokenizer)
+    template_origin = template_origin if tok is not None else "none (no tokenizer)"
+    notes = (f"tokenizer: {tok_origin}", f"chat template: {template_origin}")
+    nbytes = _log_plan(source, src, target, *notes)
     q = Quantization(q_bits, q_group_size) if quantize else None
     with atomic_folder(out, overwrite=overwrite) as tmp, _progress(nbytes) as advance:
         write_weights(tmp, tensors, target, q, on_tensor=advance)

@@ -71,7 +71,10 @@ def check_shapes(weights: dict[str, mx.array], args: ModelArgs) -> None:
             )
 
 
-def tensor_plan(args: ModelArgs) -> list[tuple[str, str, slice | None]]:
+TensorPlan = list[tuple[str, str, slice | None]]
+
+
+def tensor_plan(args: ModelArgs) -> TensorPlan:
     """(GGUF name, our parameter name, rows of it) for every tensor, in the file's order."""
     gguf = require_gguf()
     T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
@@ -248,7 +251,21 @@ def write_gguf(
     _add_vocab(writer, *vocab, placeholder=tokenizer_file is None, chat_template=chat_template,
                add_bos=add_bos)  # fmt: skip
 
-    types = []
+    tensors = _add_tensor_infos(writer, weights, plan, gguf_type)
+    _write_file(writer, out, weights, tensors)
+    return out
+
+
+def _add_tensor_infos(
+    writer: Any, weights: dict[str, mx.array], plan: TensorPlan, gguf_type: str
+) -> list[tuple[str, slice | None, Any]]:
+    """Declare every tensor's name, shape and type, which the header holds before any data.
+
+    Returns:
+        (our parameter name, rows of it, GGML type) of each tensor, in the order of its data.
+    """
+    gguf = require_gguf()
+    tensors = []
     for gguf_name, key, rows in plan:
         shape = tuple(weights[key].shape)
         if rows is not None:
@@ -257,8 +274,17 @@ def write_gguf(
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        types.append(qtype)
+        tensors.append((key, rows, qtype))
+    return tensors
 
+
+def _write_file(
+    writer: Any,
+    out: Path,
+    weights: dict[str, mx.array],
+    tensors: list[tuple[str, slice | None, Any]],
+) -> None:
+    """Write a temporary file beside `out` and rename it, so a failure leaves the old file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -266,7 +292,7 @@ def write_gguf(
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (_, key, rows), qtype in zip(plan, types):  # one tensor in memory at a time
+        for key, rows, qtype in tensors:  # one tensor in memory at a time
             w = weights[key] if rows is None else weights[key][rows]
             writer.write_tensor_data(_encode(_to_numpy(w), qtype))
         writer.close()
@@ -277,7 +303,6 @@ def write_gguf(
     finally:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
-    return out
 
 
 def _add_metadata(writer: Any, args: ModelArgs, gguf_type: str, name: str) -> None:
