@@ -74,6 +74,7 @@ def test_bench_all_rows_json_and_plot(tiny: Path, tmp_path: Path) -> None:
     assert "torch-reference" in result.output and "roofline" in result.output
 
 
+@pytest.mark.slow  # two worker processes, PyTorch in one
 def test_bench_refuses_a_reference_that_disagrees(tiny: Path, other: Path) -> None:
     # The reference reads other weights: a real disagreement, found by the token check.
     with pytest.raises(ValueError, match="refusing to compare a wrong implementation"):
@@ -81,6 +82,7 @@ def test_bench_refuses_a_reference_that_disagrees(tiny: Path, other: Path) -> No
                      gen_tokens=8, trials=1, mlx_lm=False, bandwidth_bytes=2**20)  # fmt: skip
 
 
+@pytest.mark.slow  # two worker processes
 def test_bench_preset_shape_without_reference(tmp_path: Path) -> None:
     # --config: random weights of a shape of one's own; mlx-lm is checked against mlx-openelm.
     config = tmp_path / "config.json"
@@ -368,6 +370,7 @@ def test_llama_cpp_tokens_that_disagree_are_refused(
                      bandwidth_bytes=2**20)  # fmt: skip
 
 
+@pytest.mark.slow  # a worker process, then the llama-bench stand-in (prefill, decode)
 def test_llama_cpp_beside_8_bit_rows_is_q8_0_without_a_check(fake_llama, tmp_path) -> None:
     pytest.importorskip("gguf")
     config = tmp_path / "config.json"  # every matrix width a multiple of MLX's group of 64
@@ -383,6 +386,7 @@ def test_llama_cpp_beside_8_bit_rows_is_q8_0_without_a_check(fake_llama, tmp_pat
     assert not [c for c in _calls(fake_llama) if c[0] == "llama-completion"]
 
 
+@pytest.mark.slow  # a worker process, then the llama-bench stand-in (prefill, decode)
 def test_llama_cpp_beside_a_4_bit_folder_is_q4_0(quantised, fake_llama) -> None:
     pytest.importorskip("gguf")
     report = runner.bench(model=str(quantised), prompt_tokens=[8], gen_tokens=4, trials=1,
@@ -423,8 +427,9 @@ def test_a_quantised_folder_exports_its_dequantised_weights(quantised, tmp_path)
         (["--llama-cpp", "/no/such/llama"], "no llama-bench there"),
         (["--llama-cpp", "FAKE", "-q", "--q-bits", "3", "--reference", "none"],
          "no llama.cpp type for 3-bit"),
-        (["--llama-cpp", "FAKE", "--reference", "none"],
-         "llama-bench failed (exit 1): llama_model_load: error loading model"),
+        pytest.param(["--llama-cpp", "FAKE", "--reference", "none"],
+                     "llama-bench failed (exit 1): llama_model_load: error loading model",
+                     marks=pytest.mark.slow),  # a worker, then the stand-in
     ],
 )  # fmt: skip
 def test_llama_cpp_errors_are_one_line(

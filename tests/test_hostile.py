@@ -367,6 +367,7 @@ def peak_rss_mb(tmp: Path, *args: str) -> tuple[int, float, str]:
     return proc.returncode, int(rss.read_text()) / 1024, proc.stderr
 
 
+@pytest.mark.slow  # two convert processes, one of them expanding toward 1 GiB
 def test_a_deflate_bomb_is_refused_in_bounded_memory(tmp_path):
     src = write_bomb(tmp_path / "bomb", 1 << 30)
     assert (src / "pytorch_model.bin").stat().st_size < 8 << 20

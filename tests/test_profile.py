@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx  # noqa: I001  (conftest imports mlx_openelm first, which picks the BLAS)
+import pytest
 from mlx_openelm.bench import profile
 
 from mlx_openelm import kernels
@@ -56,6 +57,7 @@ def _weights(shape: dict | ModelArgs, q_bits: int | None = None) -> list[mx.arra
     return [p for _, p in tree_flatten(model.parameters()) if p.ndim == 2]
 
 
+@pytest.mark.slow  # a fresh interpreter per row, PyTorch among them
 def test_train_speed_times_the_trainer_against_pytorch(tmp_path) -> None:
     import json
 
