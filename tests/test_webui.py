@@ -109,8 +109,10 @@ def test_a_typed_message_streams_its_reply_in(page, server):
     wait_reply(page, 1)
     assert page.input_value("#input") == ""
     assert page.locator(".msg.user .body").inner_text() == "Hello\nthere"
+    # At least one partial reply before the whole (a loaded machine's browser may take several
+    # events in one task, so a count of steps would be flaky).
     lengths = sorted({n for n in page.evaluate("window.lengths") if n > 1})
-    assert len(lengths) >= 3, lengths
+    assert len(lengths) >= 2, lengths
     stats = page.locator(".stats").inner_text()
     assert re.fullmatch(r"120 tokens · [\d.]+ tok/s · cut at max tokens", stats)
     # What the page put together from the stream is the server's greedy reply.
