@@ -91,8 +91,12 @@ def running_count(url):
     return httpx.get(url + "/health").json()["running"]
 
 
-def test_a_typed_message_streams_its_reply_in(page, server):
-    url, _ = server
+def test_a_typed_message_streams_its_reply_in(page, server, monkeypatch):
+    url, engine = server
+    # A step at least 10 ms apart, so that even a loaded machine's browser sees the reply grow:
+    # the tiny model alone can finish it before the page takes the first event.
+    read = engine._read
+    monkeypatch.setattr(engine, "_read", lambda step: (time.sleep(0.01), read(step))[1])
     open_page(page, url, temperature=0, **{"max-tokens": 120})
     page.type("#input", "Hello")
     page.keyboard.press("Shift+Enter")  # a new line, not a send
@@ -109,10 +113,8 @@ def test_a_typed_message_streams_its_reply_in(page, server):
     wait_reply(page, 1)
     assert page.input_value("#input") == ""
     assert page.locator(".msg.user .body").inner_text() == "Hello\nthere"
-    # At least one partial reply before the whole (a loaded machine's browser may take several
-    # events in one task, so a count of steps would be flaky).
     lengths = sorted({n for n in page.evaluate("window.lengths") if n > 1})
-    assert len(lengths) >= 2, lengths
+    assert len(lengths) >= 3, lengths
     stats = page.locator(".stats").inner_text()
     assert re.fullmatch(r"120 tokens · [\d.]+ tok/s · cut at max tokens", stats)
     # What the page put together from the stream is the server's greedy reply.
