@@ -213,12 +213,12 @@ struct VecP {
 using VecW = VecP;
 #endif
 
-// f(X{}, k) for k in [0, n): VecW::N floats at a time (X = VecW), then the tail one at a time
-// (X = Vec1). f is a generic lambda, `[&]<class X>(X, int64_t k) { ... X::load(p + k) ... }`.
-template <class F>
+// f(X{}, k) for k in [0, n): W::N floats at a time (X = W, VecW unless given), then the tail one
+// at a time (X = Vec1). f is a generic lambda, `[&]<class X>(X, int64_t k) { ... X::load(p + k) }`.
+template <class W = VecW, class F>
 inline void each_vec(int64_t n, F&& f) {
   int64_t k = 0;
-  for (; k + VecW::N <= n; k += VecW::N) f(VecW{}, k);
+  for (; k + W::N <= n; k += W::N) f(W{}, k);
   for (; k < n; k++) f(Vec1{}, k);
 }
 
