@@ -92,7 +92,7 @@ def test_a_batch_of_rows_gives_each_row_what_it_gives_alone(bits, rows):
 @pytest.mark.parametrize(
     "k, group_size", [(1280, 32), (1280, 64), (1280, 128), (832, 32), (832, 64)]
 )
-@pytest.mark.parametrize("rows", [1, 3, 7])  # 7 > MAX_ROWS: dequantize, then sgemm
+@pytest.mark.parametrize("rows", [1, 3, 7])  # 7 > MAX_ROWS: the tiled product
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])  # of the scales
 def test_quantized_linear_matches_mlx(bits, k, group_size, rows, dtype):
     n = 300
@@ -177,10 +177,10 @@ def test_log_softmax_matches_mlx(shape):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])  # of the scales
-@pytest.mark.parametrize("rows", [5, 37])  # above MAX_ROWS: the dequantized product
+@pytest.mark.parametrize("rows", [5, 37])  # above MAX_ROWS: the tiled product
 def test_quantized_product_gradient_matches_mlx(bits, group_size, dtype, rows):
-    # dx's kernel takes w in tiles of 256 rows by 64 columns and dx in blocks of 6 rows: 300 and
-    # 352 (group 32) leave partial tiles, 5 and 37 rows partial blocks.
+    # The forward product and dx's take w in tiles (test_quantized_matmul_matches_mlx has one
+    # left partial); here every group size and scale type, through mx.grad.
     k, n = 11 * group_size, 300
     layer = nn.Linear(k, n, bias=False)
     layer.weight = (normal(n, k, seed=7) * k**-0.5).astype(dtype)
@@ -203,15 +203,16 @@ def test_quantized_product_gradient_matches_mlx(bits, group_size, dtype, rows):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # of the scales
-def test_quantized_linear_grad_matches_dy_times_the_dequantized_weight(bits, dtype):
-    # w goes in tiles of 256 rows: 300 leaves a partial one.
-    k, n = 640, 300
+@pytest.mark.parametrize("transpose", [True, False])  # x @ w.T (forward), dy @ w (its dx)
+def test_quantized_matmul_matches_mlx(bits, dtype, transpose):
+    # w goes in tiles of 5 MB of floats, 2048 rows at K = 640: 2100 leaves a partial one.
+    k, n = 640, 2100
     q = nn.QuantizedLinear.from_linear(nn.Linear(k, n, bias=False), 64, bits)
     q.scales, q.biases = q.scales.astype(dtype), q.biases.astype(dtype)
-    dy = normal(3, 11, n, seed=11)
-    fast = kernels._ext.quantized_linear_grad(dy, q.weight, q.scales, q.biases, 64, bits)
-    # MLX's own dy @ w: quantized_matmul untransposed (mx.dequantize rounds to the scales' type)
-    close(fast, mx.quantized_matmul(dy, q.weight, q.scales, q.biases, False, 64, bits))
+    x = normal(3, 11, k if transpose else n, seed=11)
+    args = (q.weight, q.scales, q.biases, transpose, 64, bits)
+    # MLX's own (mx.dequantize rounds to the scales' type, as the kernel does not need to)
+    close(kernels._ext.quantized_matmul(x, *args), mx.quantized_matmul(x, *args))
 
 
 def test_lora_base_products_go_through_the_kernels():

@@ -3,9 +3,10 @@
 MLX's CPU back end on x86 and Linux ARM is scalar (SIMD width 1 outside Apple's Accelerate), runs
 RMSNorm, RoPE and attention as graphs of small ops, and quantized products as a scalar loop. These
 kernels (C++ `Primitive`s with AVX2/FMA and OpenMP, `csrc/`) replace those pieces when the model
-runs on a CPU stream: few-row products for decoding (fp32 and MLX's affine 4/8-bit), dequantize
-for prefill, RMSNorm, the SiLU gate, the attention inputs (split, q/k-norm, RoPE), attention, the
-training loss (cross-entropy) and the log-softmax that decoding samples from.
+runs on a CPU stream: few-row products for decoding (fp32 and MLX's affine 4/8-bit), a tiled
+4/8-bit product for prefill and training, RMSNorm, the SiLU gate, the attention inputs (split,
+q/k-norm, RoPE), attention, the training loss (cross-entropy) and the log-softmax that decoding
+samples from.
 
 Each op here takes what the model has and returns what MLX's own ops would: the kernel when it
 applies (CPU stream, float32, a shape it handles), else the MLX op, so Metal, CUDA, a Mac (which
@@ -133,28 +134,26 @@ def _quantized(x: mx.array, layer: nn.Module) -> mx.array:
     args = _quantized_args(layer)
     if x.size // x.shape[-1] <= _max_rows:
         return _ext.quantized_linear(x, *args)
-    return _dequantized_product(*args[3:])(x, *args[:3])
+    return _tiled_product(*args[3:])(x, *args[:3])
 
 
 @functools.cache
-def _dequantized_product(group_size: int, bits: int) -> Any:
-    """x @ dequantize(w).T for many rows (prefill, training): the dequantize kernel, then one
-    sgemm. Its vjp's dx is a kernel (csrc/quantized_grad.cpp: w dequantized a tile at a time, each
-    tile through sgemm), where MLX's own (quantized_matmul's) is its scalar loop: QLoRA on a CPU
-    ran 30x slower than LoRA. Nor does it keep the forward's float32 weights for the backward
-    pass, as matmul's vjp would: a quantized model's training would then peak at a float one's."""
+def _tiled_product(group_size: int, bits: int) -> Any:
+    """x @ dequantize(w).T for many rows (prefill, training), w dequantized a tile at a time and
+    each tile through sgemm (csrc/quantized_matmul.cpp), and its vjp's dx the same kernel
+    untransposed, where MLX's own quantized_matmul and its vjp are scalar loops (QLoRA on a CPU
+    ran 30x slower than LoRA). Nor does the backward pass keep float32 weights, as matmul's vjp
+    would: a quantized model's training would then peak at a float one's."""
 
     @mx.custom_function
     def product(x, w, scales, biases):
-        # Dequantized once x is computed: MLX would else dequantize every layer up front.
-        w, scales, biases = mx.depends([w, scales, biases], [x])
-        return x @ _ext.dequantize(w, scales, biases, group_size, bits).T
+        return _ext.quantized_matmul(x, w, scales, biases, True, group_size, bits)
 
     @product.vjp
     def product_vjp(primals, dy, _):
         x, w, scales, biases = primals
         K = x.shape[-1]
-        dx = _ext.quantized_linear_grad(dy, w, scales, biases, group_size, bits)
+        dx = _ext.quantized_matmul(dy, w, scales, biases, False, group_size, bits)
         # The scales' and biases' gradients, lazy: a LoRA step never evaluates them.
         dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, K)
         _, (ds, db) = mx.vjp(

@@ -32,7 +32,7 @@ from .._cpuinfo import cpuinfo
 log = logging.getLogger(__name__)
 
 MODULE = "_openelm_kernels"
-SOURCES = ["linear.cpp", "quantized_linear.cpp", "quantized_grad.cpp", "norm.cpp",
+SOURCES = ["linear.cpp", "quantized_linear.cpp", "quantized_matmul.cpp", "norm.cpp",
            "attention.cpp", "attention_backward.cpp", "kv_cache.cpp", "loss.cpp",
            "bindings.cpp"]  # fmt: skip
 CSRC = Path(__file__).parent / "csrc"

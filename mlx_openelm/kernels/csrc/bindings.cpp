@@ -31,10 +31,8 @@ NB_MODULE(_openelm_kernels, m) {
   m.def("quantized_linear", &oe::quantized_linear, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "group_size"_a, "bits"_a, nb::kw_only(), "norm_weight"_a = nb::none(), "eps"_a = 0.0f,
         "gate"_a = false, "residual"_a = nb::none(), "stream"_a = nb::none());
-  m.def("quantized_linear_grad", &oe::quantized_linear_grad, "dy"_a, "w"_a, "scales"_a,
-        "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none());
-  m.def("dequantize", &oe::dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
-        nb::kw_only(), "stream"_a = nb::none());
+  m.def("quantized_matmul", &oe::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "transpose"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rms_norm", &oe::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("silu_gate", &oe::silu_gate, "x"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -23,14 +23,11 @@ mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::arr
                            const std::optional<mx::array>& residual = std::nullopt,
                            mx::StreamOrDevice s = {});
 
-// dy (..., N) @ dequantize(w) -> (..., K): the gradient of x in x @ dequantize(w).T (many rows).
-mx::array quantized_linear_grad(const mx::array& dy, const mx::array& w, const mx::array& scales,
-                                const mx::array& biases, int group_size, int bits,
-                                mx::StreamOrDevice s = {});
-
-// MLX's affine quantized w as float32 (N, K).
-mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
-                     int group_size, int bits, mx::StreamOrDevice s = {});
+// x (..., K) @ dequantize(w).T -> (..., N) (transpose), or x (..., N) @ dequantize(w) -> (..., K)
+// (the gradient of x in the first), for many rows: mx::quantized_matmul's arguments.
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, bool transpose, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
 
 // x * rsqrt(mean(x^2) + eps) * weight over the last axis.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,

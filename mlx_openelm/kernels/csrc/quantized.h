@@ -1,4 +1,4 @@
-// What the quantized kernels share (quantized_linear.cpp, quantized_grad.cpp, quant_dot_x86.h):
+// What the quantized kernels share (quantized_linear.cpp, quantized_matmul.cpp, quant_dot_x86.h):
 // the check of w, scales and biases, the scales' C++ type, scales and biases of any float type as
 // floats, a row's bias term, the weights as floats, and how far ahead the products prefetch.
 #pragma once

@@ -1,4 +1,5 @@
-// Few-row products x @ W.T for decoding with MLX's affine 4/8-bit weights, and dequantize.
+// Few-row products x @ W.T for decoding with MLX's affine 4/8-bit weights (more rows are
+// quantized_matmul.cpp's).
 //
 // MLX runs a quantized product as a scalar loop. These read each weight row once for all M input
 // rows, over all cores: one row (decoding) in integer dot products (quant_dot_x86.h), more in
@@ -199,51 +200,6 @@ mx::array quantized_linear(const mx::array& x, const mx::array& w, const mx::arr
   return mx::array(p.shape, mx::float32,
                    std::make_shared<QuantizedLinear>(cpu_stream(s), group_size, bits, p.fusion),
                    p.inputs);
-}
-
-// ---- dequantize (prefill with quantized weights: dequantize once, then one sgemm) ---------------
-
-class Dequantize : public Kernel<Dequantize> {
- public:
-  Dequantize(mx::Stream s, int group_size, int bits)
-      : Kernel(s, [s, group_size, bits](const std::vector<mx::array>& in) {
-          return std::vector<mx::array>{mx::dequantize(in[0], in[1], in[2], group_size, bits,
-                                                       "affine", std::nullopt, mx::float32, s)};
-        }),
-        group_size_(group_size), bits_(bits) {}
-  const char* name() const override { return "OpenELMDequantize"; }
-  auto state() const { return std::tuple(group_size_, bits_); }
-
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    auto w = row_contiguous(inputs[0], enc), scales = row_contiguous(inputs[1], enc),
-         biases = row_contiguous(inputs[2], enc);
-    auto& out = outputs[0];
-    alloc(out);
-    int64_t N = out.shape(0), K = out.shape(1), gs = group_size_;
-    auto run = [&](auto tag) {
-      using S = decltype(tag);
-      enc.dispatch([wp = w.data<uint8_t>(), sp = scales.data<S>(), bp = biases.data<S>(),
-                    op = out.data<float>(), N, K, gs, bits = bits_]() {
-        parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
-          if (bits == 8) dequantize_rows<8>(wp, sp, bp, op + n0 * K, K, gs, n0, n1);
-          else dequantize_rows<4>(wp, sp, bp, op + n0 * K, K, gs, n0, n1);
-        });
-      });
-    };
-    with_scale_type(scales.dtype(), run);
-  }
-
- private:
-  int group_size_, bits_;
-};
-
-mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
-                     int group_size, int bits, mx::StreamOrDevice s) {
-  check_quantized("dequantize", w, scales, biases, group_size, bits);
-  return mx::array({w.shape(0), int(w.shape(1) * 32 / bits)}, mx::float32,
-                   std::make_shared<Dequantize>(cpu_stream(s), group_size, bits),
-                   {w, scales, biases});
 }
 
 }  // namespace oe
