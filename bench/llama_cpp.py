@@ -78,13 +78,31 @@ def export(folder: str | Path, out: str | Path, gguf_type: str) -> Path:
     return path
 
 
+# Runs argv[2:] and writes its peak RSS (ru_maxrss) to the file argv[1], then exits as it did.
+# Linux charges an exec'd child the RSS of the process it was forked from: llama-bench started by a
+# bench that held the 3B's fp32 weights reported their 12 GB as its own peak (3.3 GB alone).
+# Started from this small process, it reports its own.
+_LAUNCHER = """
+import os, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run(cmd: list[str]) -> tuple[str, int]:
     """Run a llama.cpp tool: (stdout, its own peak RSS in bytes)."""
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    with tempfile.TemporaryFile(mode="w+") as err, tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "maxrss"
+        launch = [sys.executable, "-c", _LAUNCHER, str(rss_file), *cmd]
+        proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=err, text=True)
         out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not all children's
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         proc.stdout.close()
         if proc.returncode == -signal.SIGILL:
             raise UserError(
@@ -99,8 +117,9 @@ def _run(cmd: list[str]) -> tuple[str, int]:
             raise UserError(
                 f"{Path(cmd[0]).name} failed (exit {proc.returncode}): " + " | ".join(tail)
             )
+        maxrss = int(rss_file.read_text())
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return out, usage.ru_maxrss * scale
+    return out, maxrss * scale
 
 
 def check_tokens(spec: dict[str, Any], n: int) -> list[int]:

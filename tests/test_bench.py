@@ -455,3 +455,18 @@ def test_a_llama_cpp_build_that_dies_on_an_illegal_instruction_says_how_to_rebui
     die = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
     with pytest.raises(UserError, match=r"illegal instruction.*-mno-amx-tile"):
         _run([sys.executable, "-c", die])
+
+
+def test_a_llama_cpp_tool_reports_its_own_peak_rss() -> None:
+    # The tool runs under a small launcher that reports its peak alone: started straight from a
+    # bench holding a model's fp32 weights, llama-bench was charged their size too.
+    import sys
+
+    import numpy as np
+    from mlx_openelm.bench.llama_cpp import _run
+
+    held = np.ones(600 << 20, dtype=np.uint8)
+    out, rss = _run([sys.executable, "-c", "b = bytearray(200 << 20); print('ran')"])
+    assert out.strip() == "ran"
+    assert 200 << 20 < rss < 400 << 20, rss
+    del held
