@@ -19,17 +19,29 @@ inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 }
 #endif
 
-// Each 32-bit lane's sum of its four u8 x s8 byte products, for two pairs of operands: the 4-bit
-// product's low nibbles against x's even elements and high nibbles against its odd ones. Plain
-// AVX2 has no dpbusd; maddubs + madd (llama.cpp's q4_0 route) give the same integers here, since
-// nibbles (<= 15) times pieces (|p| <= 127) cannot reach maddubs' int16 saturation: the two pair
-// sums add to at most 4 * 15 * 127 = 7620. An 8-bit weight could, so 8-bit needs VNNI.
-inline __m256i dot_nibbles(__m256i lo, __m256i even, __m256i hi, __m256i odd) {
+// A 64-element chunk of 4-bit weights (lo: the low nibbles, x's even elements; hi: the high
+// ones, the odd) against x's three pieces (e[p], o[p]: piece p's even and odd elements), in two
+// exact int32 sums a lane: s1 = q . p1 and s23 = q . (254 p2 + p3). Each lane holds 8 products,
+// so |s| <= 8 * 15 * 127 = 15240 and |s23| <= 255 * 15240 < 2^24: both convert to float exactly,
+// and the chunk costs two conversions and FMAs instead of one per piece. Plain AVX2 has no
+// dpbusd: maddubs + madd (llama.cpp's q4_0 route) give the same integers here, since nibbles
+// (<= 15) times pieces (|p| <= 127) cannot reach maddubs' int16 saturation: a lane's two pair
+// sums add to at most 4 * 15 * 127 = 7620. 8-bit weights could: see prepare8.
+inline void dot_chunk(__m256i lo, __m256i hi, const __m256i* e, const __m256i* o, __m256i& s1,
+                      __m256i& s23) {
 #ifdef OE_VNNI
-  return dpbusd(dpbusd(_mm256_setzero_si256(), lo, even), hi, odd);
+  const __m256i zero = _mm256_setzero_si256();
+  s1 = dpbusd(dpbusd(zero, lo, e[0]), hi, o[0]);
+  const __m256i s2 = dpbusd(dpbusd(zero, lo, e[1]), hi, o[1]);
+  s23 = dpbusd(dpbusd(_mm256_mullo_epi32(s2, _mm256_set1_epi32(254)), lo, e[2]), hi, o[2]);
 #else
-  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  __m256i pairs[3];
+  for (int p = 0; p < 3; p++)
+    pairs[p] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, e[p]), _mm256_maddubs_epi16(hi, o[p]));
+  const __m256i one = _mm256_set1_epi16(1);
+  s1 = _mm256_madd_epi16(pairs[0], one);
+  s23 = _mm256_add_epi32(_mm256_madd_epi16(pairs[1], _mm256_set1_epi16(254)),
+                         _mm256_madd_epi16(pairs[2], one));
 #endif
 }
 
@@ -152,7 +164,7 @@ static_assert(PIECES == 3, "combine_pieces sums three pieces");
 // unpacked once for all R rows, and each row takes exactly the operations, in the order, that it
 // takes with R = 1, so a server's batch gives each row the bits it would get alone.
 template <int R>
-inline void q4_rows_vnni(const int8_t* pieces, int64_t piece_stride, const float* dl,
+inline void q4_rows_int8(const int8_t* pieces, int64_t piece_stride, const float* dl,
                          const int32_t* sidx, const float* xsum, const uint8_t* w, const float* sr,
                          const float* br, const float* res, float* out, int64_t N, int64_t K,
                          int64_t gs, int64_t n) {
@@ -193,30 +205,39 @@ inline void q4_rows_vnni(const int8_t* pieces, int64_t piece_stride, const float
     for (int r = 0; r < R; r++) out[r * N + n] = total[r];
     return;
   }
-  const __m256i low4 = _mm256_set1_epi8(15);
-  __m256 acc[R][PIECES];
-  for (int r = 0; r < R; r++)
-    for (int p = 0; p < PIECES; p++) acc[r][p] = _mm256_setzero_ps();
-  for (; c < chunks; c++) {
-    _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
+  // 256 bits at a time: a chunk of 64 elements. acc[r][0] sums piece 1, acc[r][1] pieces 2-3.
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  // Chunk c (x's even elements at `even` in each piece, odd at `odd`): lanes 0-3 hold its
+  // elements 0-31, lanes 4-7 elements 32-63.
+  auto chunk = [&](int64_t c, int64_t even, int64_t odd) __attribute__((always_inline)) {
     const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + c * 32));
+    const __m256i low4 = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_and_si256(bytes, low4);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-    const ChunkAt at = chunk_at(c, K);
-    // Lanes 0-3 hold elements 0-31 of these 64, lanes 4-7 elements 32-63.
-    const __m256 scale = lane_scales8(sr, sidx, 2 * c);
+    const __m256 scale = gs == 32 ? lane_scales8(sr, sidx, 2 * c) : _mm256_broadcast_ss(sr + sidx[2 * c]);
     for (int r = 0; r < R; r++) {
-      const int8_t* pr = pieces + r * piece_stride;
-      const __m256 mult = _mm256_mul_ps(scale, _mm256_loadu_ps(dl + r * (K / 8) + 8 * c));
-      for (int p = 0; p < PIECES; p++) {
-        const int8_t* xp = pr + p * K;
-        const __m256i sum = dot_nibbles(lo, _mm256_loadu_si256((const __m256i*)(xp + at.even)),
-                                        hi, _mm256_loadu_si256((const __m256i*)(xp + at.odd)));
-        acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), mult, acc[r][p]);
+      const int8_t* xp = pieces + r * piece_stride;
+      __m256i e[3], o[3], s1, s23;
+      for (int p = 0; p < 3; p++) {
+        e[p] = _mm256_loadu_si256((const __m256i*)(xp + p * K + even));
+        o[p] = _mm256_loadu_si256((const __m256i*)(xp + p * K + odd));
       }
+      dot_chunk(lo, hi, e, o, s1, s23);
+      const __m256 mult = _mm256_mul_ps(scale, _mm256_loadu_ps(dl + r * (K / 8) + 8 * c));
+      acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), mult, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s23), mult, acc[r][1]);
     }
+  };
+  for (; c + 2 <= chunks; c += 2) {  // a block of 128: even elements first, then the odd ones
+    _mm_prefetch((const char*)(wr + AHEAD * row_bytes + c * 32), _MM_HINT_T0);
+    chunk(c, c * 64, c * 64 + 64);
+    chunk(c + 1, c * 64 + 32, c * 64 + 96);
   }
-  for (int r = 0; r < R; r++) out[r * N + n] = total[r] + hsum(combine_pieces(acc[r]));
+  if (c < chunks) chunk(c, c * 64, c * 64 + 32);  // a last block of 64
+  const __m256 unit23 = _mm256_set1_ps(1 / (PIECE * PIECE));
+  for (int r = 0; r < R; r++)
+    out[r * N + n] = total[r] + hsum(_mm256_fmadd_ps(acc[r][1], unit23, acc[r][0]));
 }
 
 // Input rows that q4_rows takes at once: more would spill the accumulators out of AVX2's 16
@@ -226,23 +247,48 @@ constexpr int64_t Q4_ROWS = 4;
 template <class... Args>
 inline void q4_rows(int64_t rows, Args... args) {
   switch (rows) {
-    case 1: return q4_rows_vnni<1>(args...);
-    case 2: return q4_rows_vnni<2>(args...);
-    case 3: return q4_rows_vnni<3>(args...);
-    default: return q4_rows_vnni<4>(args...);
+    case 1: return q4_rows_int8<1>(args...);
+    case 2: return q4_rows_int8<2>(args...);
+    case 3: return q4_rows_int8<3>(args...);
+    default: return q4_rows_int8<4>(args...);
   }
 }
 
+// A 32-byte block of 8-bit weights q (0..255) made ready for dot8. VNNI's dpbusd takes the bytes
+// as they are. Plain AVX2's maddubs would saturate on them (255 * 127 * 2 > 32767), so it takes
+// w = q - 128 as |w| and sign(w) (llama.cpp's q8_0 route): |w| <= 128 keeps each pair sum within
+// 2 * 128 * 127 = 32512, and the row's bias term adds back what the 128 takes (Q8_OFFSET).
+struct Bytes8 {
+  __m256i magnitude, sign;
+};
 #ifdef OE_VNNI
-// 8-bit decode with the same integer products. The weight bytes are the unsigned operand as they
-// are, and x's pieces lie in order, so a 32-element block is one 256-bit dpbusd per piece whose 8
-// lanes all carry that block's weight scale and d.
-inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sidx, const float* xsum,
+constexpr float Q8_OFFSET = 0;
+inline Bytes8 prepare8(__m256i q) { return {q, q}; }
+inline __m256i dot8(Bytes8 w, __m256i piece) { return dpbusd(_mm256_setzero_si256(), w.magnitude, piece); }
+#else
+constexpr float Q8_OFFSET = 128;
+inline Bytes8 prepare8(__m256i q) {
+  const __m256i w = _mm256_xor_si256(q, _mm256_set1_epi8(char(0x80)));
+  return {_mm256_abs_epi8(w), w};
+}
+inline __m256i dot8(Bytes8 w, __m256i piece) {
+  const __m256i pairs = _mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(piece, w.sign));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
+// 8-bit decode with the same integer products. x's pieces lie in order, so a 32-element block is
+// one 256-bit product per piece whose 8 lanes all carry that block's weight scale and d.
+inline void q8_row_int8(const int8_t* pieces, const float* d, const int32_t* sidx, const float* xsum,
                         const uint8_t* w, const float* sr, const float* br, const float* res,
                         float* out, int64_t K, int64_t gs, int64_t n) {
-  const int64_t blocks = K / 32;
+  const int64_t blocks = K / 32, groups = K / gs;
   const uint8_t* wr = w + n * K;
-  float total = bias_term(br, xsum, K / gs) + (res ? res[n] : 0.0f);
+  // sum_g (b_g + Q8_OFFSET s_g) xsum_g: the biases, and what the products left out.
+  float total = sum_vec(groups, [&]<class X>(X, int64_t g, typename X::V acc) {
+    const auto bias = X::fma(X::set(Q8_OFFSET), X::load(sr + g), X::load(br + g));
+    return X::fma(bias, X::load(xsum + g), acc);
+  }) + (res ? res[n] : 0.0f);
   int64_t b = 0;
 #ifdef OE_VNNI512
   {
@@ -272,23 +318,21 @@ inline void q8_row_vnni(const int8_t* pieces, const float* d, const int32_t* sid
   for (int p = 0; p < PIECES; p++) acc[p] = _mm256_setzero_ps();
   for (; b < blocks; b++) {
     if (b % 2 == 0) _mm_prefetch((const char*)(wr + AHEAD * K + b * 32), _MM_HINT_T0);
-    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + b * 32));
+    const Bytes8 q = prepare8(_mm256_loadu_si256((const __m256i*)(wr + b * 32)));
     const __m256 mult = _mm256_set1_ps(sr[sidx[b]] * d[b]);
     for (int p = 0; p < PIECES; p++) {
-      const __m256i sum = dpbusd(_mm256_setzero_si256(), bytes,
-                                 _mm256_loadu_si256((const __m256i*)(pieces + p * K + b * 32)));
+      const __m256i sum = dot8(q, _mm256_loadu_si256((const __m256i*)(pieces + p * K + b * 32)));
       acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), mult, acc[p]);
     }
   }
   out[n] = total + hsum(combine_pieces(acc));
 }
-#endif
 
 // Input rows that take the integer dots (a server's batch); more go to the float rows (q_row).
 constexpr int64_t MAX_INT8_ROWS = 16;
 
 // Whether the integer rows take this shape: whole 64-element chunks, none across two groups.
-inline bool vnni_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
+inline bool int8_fits(int64_t K, int64_t gs) { return K % 64 == 0 && (gs == 32 || gs % 64 == 0); }
 #endif
 
 }  // namespace oe

@@ -120,15 +120,10 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
           xsum[i] = t;
         }
 #ifdef OE_INT8_DOT
-#ifdef OE_VNNI
-        constexpr bool eight_bit = true;
-#else
-        constexpr bool eight_bit = false;  // maddubs would saturate (dot_nibbles)
-#endif
         // One row (decoding), or a server's batch of single rows: each row takes the integer
         // dots that it would take alone, while the weight row is in L1 (4-bit rows share the
         // unpacking of its bytes, four at a time).
-        if (M <= MAX_INT8_ROWS && vnni_fits(K, gs) && (bits == 4 || eight_bit)) {
+        if (M <= MAX_INT8_ROWS && int8_fits(K, gs)) {
           // At a cache line's start, so that no 512-bit load of a piece spans two lines.
           const int64_t stride = (PIECES * K + 63) / 64 * 64;
           std::vector<int8_t> piece_store(M * stride + 64);
@@ -152,10 +147,8 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
                 if (bits == 4)
                   q4_rows(std::min<int64_t>(Q4_ROWS, M - m), pm, stride, dm, sidx.data(), xs, wp,
                           sr, br, rm, op + m * N, N, K, gs, n);
-#ifdef OE_VNNI
                 else
-                  q8_row_vnni(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
-#endif
+                  q8_row_int8(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
               }
             }
           });
