@@ -1,4 +1,4 @@
-// The decoding 4- and 8-bit products in integer dot products (VNNI, or AVX2's maddubs for 4-bit):
+// The decoding 4- and 8-bit products in integer dot products (VNNI's dpbusd, or AVX2's maddubs):
 // x split into int8 pieces, each 32-element block's products summed as integers. Per instruction
 // set, as ggml's arch/x86/quants.c: the float code of the other kernels is written once over VecW
 // (vec.h), these are not.
@@ -19,6 +19,15 @@ inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 }
 #endif
 
+// One-row 4- and 8-bit products with integer dot products (32 unsigned-by-signed byte
+// products per 256-bit instruction, against one float FMA per eight weights in q_row), keeping
+// float32 accuracy: each 32-element block of x is split into three int8 pieces,
+// x = d (p1 + p2 / 254 + p3 / 254^2), which leaves an error of d / 2 / 254^3 (~6e-8 of the
+// block's largest |x|), below float32's own rounding in the sums. A single int8 piece, as
+// llama.cpp's q8 activations, would be ~4e-3 off.
+constexpr int PIECES = 3;
+constexpr float PIECE = 254.f;
+
 // A 64-element chunk of 4-bit weights (lo: the low nibbles, x's even elements; hi: the high
 // ones, the odd) against x's three pieces (e[p], o[p]: piece p's even and odd elements), in two
 // exact int32 sums a lane: s1 = q . p1 and s23 = q . (254 p2 + p3). Each lane holds 8 products,
@@ -35,8 +44,8 @@ inline void dot_chunk(__m256i lo, __m256i hi, const __m256i* e, const __m256i* o
   const __m256i s2 = dpbusd(dpbusd(zero, lo, e[1]), hi, o[1]);
   s23 = dpbusd(dpbusd(_mm256_mullo_epi32(s2, _mm256_set1_epi32(254)), lo, e[2]), hi, o[2]);
 #else
-  __m256i pairs[3];
-  for (int p = 0; p < 3; p++)
+  __m256i pairs[PIECES];
+  for (int p = 0; p < PIECES; p++)
     pairs[p] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, e[p]), _mm256_maddubs_epi16(hi, o[p]));
   const __m256i one = _mm256_set1_epi16(1);
   s1 = _mm256_madd_epi16(pairs[0], one);
@@ -44,15 +53,6 @@ inline void dot_chunk(__m256i lo, __m256i hi, const __m256i* e, const __m256i* o
                          _mm256_madd_epi16(pairs[2], one));
 #endif
 }
-
-// One-row 4- and 8-bit products with integer dot products (VNNI: 32 unsigned-by-signed byte
-// products per 256-bit instruction, against one float FMA per eight weights above), keeping
-// float32 accuracy: each 32-element block of x is split into three int8 pieces,
-// x = d (p1 + p2 / 254 + p3 / 254^2), which leaves an error of d / 2 / 254^3 (~6e-8 of the
-// block's largest |x|), below float32's own rounding in the sums. A single int8 piece, as
-// llama.cpp's q8 activations, would be ~4e-3 off.
-constexpr int PIECES = 3;
-constexpr float PIECE = 254.f;
 
 // Where chunk c's (64 elements of x) even and odd elements start in a piece: x goes in blocks of
 // 128 (the last may be 64), the even elements of the block's chunks first, then the odd ones, as
@@ -157,7 +157,7 @@ inline __m512 combine_pieces(const __m512* acc) {
                          _mm512_fmadd_ps(acc[1], _mm512_set1_ps(1 / PIECE), acc[0]));
 }
 #endif
-static_assert(PIECES == 3, "combine_pieces sums three pieces");
+static_assert(PIECES == 3, "combine_pieces and dot_chunk sum three pieces");
 
 // Row n of a 4-bit product for R input rows at once (sr, br: its scales and biases as floats;
 // pieces, dl, xsum, res and out of row r at r times their strides). Each chunk of weight bytes is
@@ -218,8 +218,8 @@ inline void q4_rows_int8(const int8_t* pieces, int64_t piece_stride, const float
     const __m256 scale = gs == 32 ? lane_scales8(sr, sidx, 2 * c) : _mm256_broadcast_ss(sr + sidx[2 * c]);
     for (int r = 0; r < R; r++) {
       const int8_t* xp = pieces + r * piece_stride;
-      __m256i e[3], o[3], s1, s23;
-      for (int p = 0; p < 3; p++) {
+      __m256i e[PIECES], o[PIECES], s1, s23;
+      for (int p = 0; p < PIECES; p++) {
         e[p] = _mm256_loadu_si256((const __m256i*)(xp + p * K + even));
         o[p] = _mm256_loadu_si256((const __m256i*)(xp + p * K + odd));
       }
@@ -284,7 +284,9 @@ inline void q8_row_int8(const int8_t* pieces, const float* d, const int32_t* sid
                         float* out, int64_t K, int64_t gs, int64_t n) {
   const int64_t blocks = K / 32, groups = K / gs;
   const uint8_t* wr = w + n * K;
-  // sum_g (b_g + Q8_OFFSET s_g) xsum_g: the biases, and what the products left out.
+  // sum_g (b_g + Q8_OFFSET s_g) xsum_g: the biases, and what the products left out. Not
+  // bias_term plus Q8_OFFSET times a second one: in a centred group b_g ~ -128 s_g, and summing
+  // the two apart would cancel large terms.
   float total = sum_vec(groups, [&]<class X>(X, int64_t g, typename X::V acc) {
     const auto bias = X::fma(X::set(Q8_OFFSET), X::load(sr + g), X::load(br + g));
     return X::fma(bias, X::load(xsum + g), acc);
