@@ -114,9 +114,9 @@ def load_fast_blas() -> str | None:
     if "mlx.core" in sys.modules:
         _warn_if_too_late()
         return loaded
-    # GNU OpenMP (our kernels, and MKL below) spins ~300k rounds between parallel regions by
-    # default. A decode step runs ~150 short regions: on a shared 2-core machine those spinning
-    # threads took the cores from the ones with work (docs/kernels.md, "Design").
+    # GNU OpenMP (OpenBLAS's OpenMP build, and MKL below) spins ~300k rounds between parallel
+    # regions by default: on a shared 2-core machine those spinning threads took the cores from
+    # the ones with work (docs/kernels.md, "Threads").
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     choice = os.environ.get("MLX_OPENELM_BLAS", "auto")
     if choice == "none":

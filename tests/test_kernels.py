@@ -554,6 +554,43 @@ def test_gradients_are_mlx_own():
             close(f, r, rtol=1e-4)
 
 
+def test_kernels_called_from_several_threads_at_once_give_what_they_give_alone():
+    # The thread pool serves one job at a time; a job that finds it busy (another thread's
+    # stream) runs on its caller alone, with the same result.
+    import threading
+
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(1280, 1000, bias=False), 64, 4)
+    q, k, v = normal(1, 8, 1, 64, seed=2), normal(1, 2, 700, 64, seed=3), normal(1, 2, 700, 64)
+    jobs = [
+        lambda x: kernels.linear(layer, x),
+        lambda x: kernels.attention(q * x[0, 0, 0], k, v, scale=0.125, mask=None, cache=None),
+    ]
+    inputs = [normal(1, 1, 1280, seed=10 + i) for i in range(4)]
+    alone = [job(x) for job in jobs for x in inputs]
+    mx.eval(alone)
+    results: dict[int, list] = {}
+
+    def worker(t: int) -> None:
+        with mx.stream(mx.new_stream(mx.cpu)):
+            out = []
+            for _ in range(5):
+                step = [job(x) for job in jobs for x in inputs]
+                mx.eval(step)
+                out.append(step)
+            results[t] = out
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(results) == [0, 1, 2]
+    for out in results.values():
+        for step in out:
+            for got, want in zip(step, alone):
+                assert mx.array_equal(got, want).item()
+
+
 def test_the_whole_model_matches_with_kernels_off_and_under_compile():
     from conftest import tiny_args
 

@@ -106,12 +106,10 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
                   int64_t hd, int64_t nkv, int64_t S, float scale, bool causal) {
   const Tiles tl(nq, nkv, L);
   const int64_t rep = tl.rep, Mp = tl.Mp, groups = B * nkv;
-  const int threads = groups * L * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
-#pragma omp parallel num_threads(threads)
-  {
+  const int threads = groups * L * S * rep * hd < 65536 ? 1 : ThreadPool::threads();
+  ThreadPool::get().run(threads, groups * tl.count, [&](int64_t unit) {
     std::vector<float> qt(hd * Mp), s(BLOCK * Mp), acc(Mp * hd), m(Mp), l(Mp), c(Mp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < groups * tl.count; unit++) {
+    {
       // The last rows first: under a causal mask they see the most keys.
       const int64_t tile = tl.count - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
       const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
@@ -143,7 +141,7 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
           for (int64_t d = 0; d < hd; d++) o[d] = acc[q * hd + d] * inv;
         }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -161,12 +159,10 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
   const int64_t rep = nq / nkv, items = B * nkv, parts = (S + SPAN - 1) / SPAN;
   const int64_t units = items * parts;
   std::vector<float> partial(units * rep * (hd + 2));  // per span and head: m, l, the output
-  const int threads = items * S * rep * hd < 65536 ? 1 : omp_get_max_threads();
-#pragma omp parallel num_threads(threads)
-  {
+  const int threads = items * S * rep * hd < 65536 ? 1 : ThreadPool::threads();
+  ThreadPool::get().run(threads, units, [&](int64_t unit) {
     std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < units; unit++) {
+    {
       const int64_t item = unit / parts, b = item / nkv, g = item % nkv;
       const float* kh = kp + b * ks[0] + g * ks[1];
       const float* vh = vp + b * vs[0] + g * vs[1];
@@ -194,7 +190,7 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
         std::copy_n(acc.data() + r * hd, hd, st + 2);
       }
     }
-  }
+  });
   for (int64_t item = 0; item < items; item++) {
     const int64_t b = item / nkv, g = item % nkv;
     for (int64_t r = 0; r < rep; r++) {

@@ -19,14 +19,11 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
   using X = VecW;
   const Tiles tl(nq, nkv, L);
   const int64_t rep = tl.rep, Mp = tl.Mp, groups = B * nkv;
-  const int threads = std::min<int64_t>(omp_get_max_threads(), groups);
-#pragma omp parallel num_threads(threads)
-  {
+  ThreadPool::get().run(ThreadPool::threads(), groups, [&](int64_t item) {
     std::vector<float> qt(hd * Mp), gt(hd * Mp), ot(hd * Mp), qrow(Mp * hd), grow(Mp * hd),
         s(BLOCK * Mp), ds(BLOCK * Mp), dq(Mp * hd), tail(4 * hd), m(Mp), l(Mp), c(Mp), D(Mp),
         scores(S * Mp);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < groups; item++) {
+    {
       const int64_t b = item / nkv, g = item % nkv;
       const float* kh = kp + item * S * hd;
       const float* vh = vp + item * S * hd;
@@ -114,7 +111,7 @@ void attend_grad_tiles(const float* qp, const float* kp, const float* vp, const 
                         dqp + ((b * nq + g * rep + r) * L + i0 + t) * hd);
       }
     }
-  }
+  });
 }
 
 // dq, dk, dv of Attention from q, k, v, its output o (B, L, nq, hd) and o's cotangent g, in

@@ -10,7 +10,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_openelm_kernels, m) {
-  m.doc() = "mlx-openelm's CPU kernels (AVX2/FMA where the compiler targets it, OpenMP threads)";
+  m.doc() = "mlx-openelm's CPU kernels (AVX2/FMA where the compiler targets it, on thread_pool.h's threads)";
 #ifdef OE_AVX2
   m.attr("avx2") = true;
 #else

@@ -2,8 +2,6 @@
 // functions that more than one kernel runs (so that a fused product equals the ops one by one).
 #pragma once
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "thread_pool.h"
 #include "vec.h"
 
 #include "mlx/allocator.h"
@@ -157,23 +156,18 @@ inline std::vector<mx::array> row_major(const std::vector<mx::array>& inputs,
   return in;
 }
 
-// Run f(begin, end) over [0, n) on the OpenMP team, in a few chunks per thread taken as threads
-// come free: on a shared machine one descheduled thread then delays a chunk, not half the job.
-// Small jobs stay on the calling thread.
+// Run f(begin, end) over [0, n) on the thread pool (thread_pool.h), in a few chunks per thread
+// taken as threads come free: on a shared machine one descheduled thread then delays a chunk, not
+// half the job. Small jobs stay on the calling thread.
 template <class F>
 inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
-  int threads = omp_get_max_threads();
+  int threads = ThreadPool::threads();
   if (min_per_thread > 0) threads = int(std::min<int64_t>(threads, std::max<int64_t>(1, n / min_per_thread)));
-  if (threads <= 1) {
-    f(int64_t(0), n);
-    return;
-  }
   const int64_t chunks = std::min<int64_t>(n, 4 * threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; c++) {
+  ThreadPool::get().run(threads, chunks, [&](int64_t c) {
     int64_t begin = n * c / chunks, end = n * (c + 1) / chunks;
     if (begin < end) f(begin, end);
-  }
+  });
 }
 
 // out[0:width] = the sum over rows of each row's share, which add(r0, r1, partial) adds into
