@@ -12,7 +12,7 @@ needed, and on Intel it ran the prefill products twice as fast as OpenBLAS. MKL 
 path by CPU vendor, and AMD gets a generic one: there, Debian's OpenBLAS ran 270M prefill ~1.4x
 faster (docs/performance.md). Decode does not care which one is loaded when the CPU kernels
 (`kernels/`) are on, since they run the one-row products. The OpenMP build of OpenBLAS comes
-first, because it shares GNU OpenMP's thread pool with the kernels.
+first: its idle threads spin only as long as `GOMP_SPINCOUNT` says (set below).
 """
 
 from __future__ import annotations
