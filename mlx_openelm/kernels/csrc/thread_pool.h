@@ -50,19 +50,29 @@ class ThreadPool {
   // one runs, runs on its caller alone.
   template <class Body>
   void run(int threads, int64_t chunks, Body&& body) {
-    threads = int(std::min<int64_t>(threads, chunks));
-    std::unique_lock lock(mutex_, std::try_to_lock);
-    if (threads <= 1 || in_job_ || !lock.owns_lock()) {
+    auto alone = [&] {
       for (int64_t c = 0; c < chunks; c++) body(c);
-      return;
-    }
+    };
+    threads = int(std::min<int64_t>(threads, chunks));
+    if (threads <= 1 || in_job_) return alone();  // in_job_ first: the lock may be this thread's
+    std::unique_lock lock(mutex_, std::try_to_lock);
+    if (!lock.owns_lock()) return alone();
     using B = std::remove_reference_t<Body>;
     Job job{[](void* b, int64_t c) { (*static_cast<B*>(b))(c); }, &body, chunks};
     const int helpers = threads - 1;
     hire(helpers);
     for (int i = 0; i < helpers; i++) slots_[i]->post(&job);
+    // The workers hold `job` until they finish, also when a chunk of the caller's throws (a failed
+    // allocation): they must be done with it before it goes.
+    struct Finish {
+      ThreadPool& pool;
+      Job& job;
+      int helpers;
+      ~Finish() {
+        for (int i = 0; i < helpers; i++) pool.slots_[i]->finish(&job);
+      }
+    } finish{*this, job, helpers};
     work(job);
-    for (int i = 0; i < helpers; i++) slots_[i]->finish(&job);
   }
 
  private:
@@ -120,10 +130,12 @@ class ThreadPool {
   };
 
   static void work(Job& job) {
-    in_job_ = true;
+    struct InJob {
+      InJob() { in_job_ = true; }
+      ~InJob() { in_job_ = false; }
+    } in_job;
     for (int64_t c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.chunks;)
       job.call(job.body, c);
-    in_job_ = false;
   }
 
   // At least n workers, started on first need.
