@@ -1,15 +1,14 @@
 // The kernels' threads: the calling thread (MLX's CPU stream) and workers that wait for their
 // next job spinning, then yielding, then asleep.
 //
-// A decode step runs ~100 short jobs. Under GNU OpenMP each cost ~20 us more than the work: with
-// more threads under its management than CPUs (Python's main thread, MLX's stream thread leading
-// the team and its worker, on 2 cores) it spins only ~100 rounds before its worker sleeps, and the
-// next job wakes it through the kernel. And a team's join waits for every thread, also one that
-// the OS has not yet run: with Python building the next step on one of the cores, that is often
-// one time slice. Here a worker waits SPIN_US for the next job, first spinning, then giving way
-// to any thread that can run; and a job's caller takes back the job of a worker that has not
-// started it, once the chunks are done. On a 2-core AMD VM this decoded the 270M 1.12x faster at
-// 4-bit, 1.19x at 8-bit (docs/kernels.md).
+// A decode step runs ~100 short jobs. Under GNU OpenMP each cost ~20 us more on two threads than
+// on one (2-core AMD VM): its worker slept between jobs and was woken through the kernel for each
+// (~3 futex calls a job, against ~1 here), whatever GOMP_SPINCOUNT said. And a team's join waits
+// for every thread, also one that the OS has not run yet: with Python building the next step on
+// one of two cores, that can be a time slice. Here a worker spins for SPIN, then gives way to any
+// thread that can run until WAIT has passed, then sleeps; and a job's caller takes back the share
+// of a worker that has not started it once the chunks are done. The 270M decoded 1.41x faster at
+// 4-bit than under OpenMP on that VM (docs/kernels.md, "Threads").
 #pragma once
 
 #include <omp.h>
