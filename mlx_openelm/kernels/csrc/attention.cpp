@@ -109,38 +109,36 @@ void attend_tiles(const float* qp, const float* kp, std::array<int64_t, 3> ks, c
   const int threads = groups * L * S * rep * hd < 65536 ? 1 : ThreadPool::threads();
   ThreadPool::get().run(threads, groups * tl.count, [&](int64_t unit) {
     std::vector<float> qt(hd * Mp), s(BLOCK * Mp), acc(Mp * hd), m(Mp), l(Mp), c(Mp);
-    {
-      // The last rows first: under a causal mask they see the most keys.
-      const int64_t tile = tl.count - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
-      const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
-      const int64_t first = S - L + i0;
-      const float* kh = kp + b * ks[0] + g * ks[1];
-      const float* vh = vp + b * vs[0] + g * vs[1];
-      std::fill(qt.begin(), qt.end(), 0.0f);
-      transpose_tile(qt.data(), Mp, rows, rep, hd, scale, [&](int64_t t, int64_t r) {
-        return qp + ((b * nq + g * rep + r) * L + i0 + t) * hd;
-      });
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      const int64_t end = causal ? first + rows : S;
-      for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
-        const int64_t n = std::min(BLOCK, end - j0);
-        block_scores(qt.data(), Mp, kh + j0 * ks[2], ks[2], hd, n, s.data());
-        if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
-        online_softmax(s.data(), Mp, n, m.data(), l.data(), c.data());
-        for (int64_t r0 = 0; r0 < M; r0 += 4)
-          block_values(acc.data() + r0 * hd, hd, c.data() + r0, s.data() + r0, Mp, 1,
-                       vh + j0 * vs[2], vs[2], n, hd);
-      }
-      for (int64_t t = 0; t < rows; t++)
-        for (int64_t r = 0; r < rep; r++) {
-          const int64_t q = t * rep + r;
-          float* o = op + ((b * L + i0 + t) * nq + g * rep + r) * hd;
-          const float inv = 1.0f / l[q];
-          for (int64_t d = 0; d < hd; d++) o[d] = acc[q * hd + d] * inv;
-        }
+    // The last rows first: under a causal mask they see the most keys.
+    const int64_t tile = tl.count - 1 - unit / groups, b = unit % groups / nkv, g = unit % nkv;
+    const int64_t i0 = tile * tl.T, rows = std::min(tl.T, L - i0), M = rows * rep;
+    const int64_t first = S - L + i0;
+    const float* kh = kp + b * ks[0] + g * ks[1];
+    const float* vh = vp + b * vs[0] + g * vs[1];
+    std::fill(qt.begin(), qt.end(), 0.0f);
+    transpose_tile(qt.data(), Mp, rows, rep, hd, scale, [&](int64_t t, int64_t r) {
+      return qp + ((b * nq + g * rep + r) * L + i0 + t) * hd;
+    });
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+    std::fill(l.begin(), l.end(), 0.0f);
+    const int64_t end = causal ? first + rows : S;
+    for (int64_t j0 = 0; j0 < end; j0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, end - j0);
+      block_scores(qt.data(), Mp, kh + j0 * ks[2], ks[2], hd, n, s.data());
+      if (causal) mask_block(s.data(), Mp, n, j0, first, M, rep);
+      online_softmax(s.data(), Mp, n, m.data(), l.data(), c.data());
+      for (int64_t r0 = 0; r0 < M; r0 += 4)
+        block_values(acc.data() + r0 * hd, hd, c.data() + r0, s.data() + r0, Mp, 1,
+                     vh + j0 * vs[2], vs[2], n, hd);
     }
+    for (int64_t t = 0; t < rows; t++)
+      for (int64_t r = 0; r < rep; r++) {
+        const int64_t q = t * rep + r;
+        float* o = op + ((b * L + i0 + t) * nq + g * rep + r) * hd;
+        const float inv = 1.0f / l[q];
+        for (int64_t d = 0; d < hd; d++) o[d] = acc[q * hd + d] * inv;
+      }
   });
 }
 
@@ -162,33 +160,31 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
   const int threads = items * S * rep * hd < 65536 ? 1 : ThreadPool::threads();
   ThreadPool::get().run(threads, units, [&](int64_t unit) {
     std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-    {
-      const int64_t item = unit / parts, b = item / nkv, g = item % nkv;
-      const float* kh = kp + b * ks[0] + g * ks[1];
-      const float* vh = vp + b * vs[0] + g * vs[1];
-      const int64_t begin = unit % parts * SPAN, end = std::min(S, begin + SPAN);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
-        const int64_t n = std::min(BLOCK, end - j0);
-        for (int64_t r = 0; r < rep; r++) {
-          const float* qr = qp + (b * nq + g * rep + r) * hd;
-          float* sr = block.data() + r * BLOCK;
-          const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
-          const float m_new = std::max(m[r], bm);
-          const float c = std::exp(m[r] - m_new);  // 0 on the first block
-          l[r] = l[r] * c + exp_shift(sr, n, m_new);
-          m[r] = m_new;
-          accumulate(acc.data() + r * hd, c, sr, vh + j0 * vs[2], vs[2], n, hd);
-        }
-      }
+    const int64_t item = unit / parts, b = item / nkv, g = item % nkv;
+    const float* kh = kp + b * ks[0] + g * ks[1];
+    const float* vh = vp + b * vs[0] + g * vs[1];
+    const int64_t begin = unit % parts * SPAN, end = std::min(S, begin + SPAN);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+    std::fill(l.begin(), l.end(), 0.0f);
+    for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, end - j0);
       for (int64_t r = 0; r < rep; r++) {
-        float* st = partial.data() + (unit * rep + r) * (hd + 2);
-        st[0] = m[r];
-        st[1] = l[r];
-        std::copy_n(acc.data() + r * hd, hd, st + 2);
+        const float* qr = qp + (b * nq + g * rep + r) * hd;
+        float* sr = block.data() + r * BLOCK;
+        const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
+        const float m_new = std::max(m[r], bm);
+        const float c = std::exp(m[r] - m_new);  // 0 on the first block
+        l[r] = l[r] * c + exp_shift(sr, n, m_new);
+        m[r] = m_new;
+        accumulate(acc.data() + r * hd, c, sr, vh + j0 * vs[2], vs[2], n, hd);
       }
+    }
+    for (int64_t r = 0; r < rep; r++) {
+      float* st = partial.data() + (unit * rep + r) * (hd + 2);
+      st[0] = m[r];
+      st[1] = l[r];
+      std::copy_n(acc.data() + r * hd, hd, st + 2);
     }
   });
   for (int64_t item = 0; item < items; item++) {

@@ -163,6 +163,7 @@ template <class F>
 inline void parallel_for(int64_t n, int64_t min_per_thread, F&& f) {
   int threads = ThreadPool::threads();
   if (min_per_thread > 0) threads = int(std::min<int64_t>(threads, std::max<int64_t>(1, n / min_per_thread)));
+  if (threads <= 1) return f(int64_t(0), n);
   const int64_t chunks = std::min<int64_t>(n, 4 * threads);
   ThreadPool::get().run(threads, chunks, [&](int64_t c) {
     int64_t begin = n * c / chunks, end = n * (c + 1) / chunks;
