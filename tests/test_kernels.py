@@ -619,7 +619,7 @@ def weights_270m():
 @pytest.mark.slow
 @pytest.mark.parametrize("q_bits, dtype", [(None, None), (8, None), (4, None), (4, mx.bfloat16)])
 def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, dtype, weights_270m):
-    """OpenELM-270M: 64 greedy tokens equal with kernels on and off (fp32, and MLX's own 8/4-bit
+    """OpenELM-270M: 32 greedy tokens equal with kernels on and off (fp32, and MLX's own 8/4-bit
     path); fp32 logits as exact as MLX's own. With `dtype`, quantized from bfloat16 (as `convert
     -q` on a Mac, and mlx-community, write it) and loaded to run on a CPU: bfloat16 scales."""
     from mlx_openelm.config import preset
@@ -640,7 +640,7 @@ def test_270m_greedy_tokens_equal_mlx_own_path(q_bits, dtype, weights_270m):
     mx.eval(model.parameters())
     prompt = mx.array([(7 * i + 3) % 32000 for i in range(16)])
     assert model(prompt[None, :2]).dtype == mx.float32  # what the kernels take, all along
-    steps = 64
+    steps = 32
 
     def tokens():
         return [int(t) for t, _ in generate_step(prompt, model, max_tokens=steps)]
