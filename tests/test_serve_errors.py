@@ -130,7 +130,12 @@ def test_api_key_and_a_base_model(base_url):
     assert httpx.get(f"{base_url}/v1/models", headers=wrong).status_code == 401
     assert httpx.get(f"{base_url}/health").status_code == 200  # health needs no key
     key = {"Authorization": "Bearer sesame"}
-    r = httpx.post(f"{base_url}/v1/completions", json=ok(model="base"), headers=key)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    # Greedy, so that no sampled EOS ends it early (the default temperature is 1); two tokens may
+    # still decode to no text (byte pieces, whitespace), so count the tokens.
+    r = httpx.post(f"{base_url}/v1/completions", json=ok(model="base", temperature=0), headers=key)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 2
+    assert body["choices"][0]["finish_reason"] == "length"
     r = httpx.post(f"{base_url}/v1/chat/completions", json=chat(model="base"), headers=key)
     assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
