@@ -212,3 +212,11 @@ def test_structured_output_without_xgrammar_is_a_clear_400(tokenizer, monkeypatc
         grammars.compile(ResponseFormat(type="json_object"))
     assert e.value.status == 400 and e.value.code == "structured_output_unavailable"
     assert "mlx-openelm[structured]" in str(e.value)
+
+
+def test_a_server_of_one_row_starts_and_serves(tiny_folder, expected):
+    # --max-batch 1 (bench-serve's one client): the warm-up must fit the batch, or it never ends.
+    with running(str(tiny_folder), max_batch=1) as (url, _):
+        one = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = one.completions.create(model="m", prompt=PROMPTS[1], max_tokens=N, temperature=0)
+        assert r.choices[0].text == expected[PROMPTS[1]]

@@ -4,8 +4,9 @@ Each turn of its loop admits waiting requests while the batch has room, runs one
 one newcomer (so a long prompt never stalls the others for all of it), and one decode step for
 every sequence that is prefilled: the products take all their rows at once (through the CPU
 kernels on Linux, `kernels.batch_rows`) and attention runs per sequence over its own KV cache
-(`kv_cache.RowCaches`), so sequences of any lengths share a step and each row computes exactly
-what it would alone. A sequence leaves the batch when it ends or its client hangs up.
+(`kv_cache.RowCaches`; one kernel for all rows on a CPU), so sequences of any lengths share a
+step and each row computes exactly what it would alone. A sequence leaves the batch when it ends
+or its client hangs up.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class Engine:
     def _warm_up(self) -> None:
         """Build the kernels and run every path once, so the first request is not slow."""
         done = threading.Event()
-        job = Job([[self.tokenizer.bos_id] * (BLOCK + 3)], 2, Params(max_tokens=2),
+        rows = min(2, self.max_batch)  # a batched step too, where there can be one
+        job = Job([[self.tokenizer.bos_id] * (BLOCK + 3)], rows, Params(max_tokens=2),
                   lambda ev: ev[0] != "piece" and done.set())  # fmt: skip
         self._waiting.append(job)
         while not done.is_set():
