@@ -52,5 +52,6 @@ class KVCache:
 
 class RowCaches(list):
     """One layer's caches (`KVCache`) for a batch of sequences of their own lengths, one per row:
-    the model runs the products on all rows at once and attention row by row (the server's
-    batched decode step)."""
+    the model runs the products on all rows at once and attention over each row's own cache (the
+    server's batched decode step; on a CPU, one kernel for all rows:
+    `kernels.cached_attention`)."""

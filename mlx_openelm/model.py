@@ -61,23 +61,20 @@ class Attention(nn.Module):
         """x + attention(norm(x)): the pre-norm sublayer with its skip connection."""
         B, L, D = x.shape
         qkv = kernels.linear(self.qkv_proj, x, norm=norm).reshape(B, L, -1, self.head_dim)
-        if isinstance(cache, RowCaches):  # a batch of sequences, each over its own cache
-            out = mx.concatenate(
-                [self._attend(qkv[b : b + 1], None, c) for b, c in enumerate(cache)]
-            )
-        else:
-            out = self._attend(qkv, mask, cache)
-        return kernels.linear(self.out_proj, out, residual=x)
+        return kernels.linear(self.out_proj, self._attend(qkv, mask, cache), residual=x)
 
     def _attend(self, qkv: mx.array, mask: Any, cache: Any) -> mx.array:
         """qkv (B, L, heads, head_dim) -> attention's output (B, L, n_heads * head_dim)."""
-        if cache is not None:  # on a CPU, two kernels: one writes k and v, one attends
+        if cache is not None:  # on a CPU, kernels: one writes k and v (a row's), one attends
             out = kernels.cached_attention(
                 qkv, cache, self.n_heads, self.n_kv_heads, self.get("q_norm"),
                 self.get("k_norm"), self.rope, self.scale,
             )  # fmt: skip
             if out is not None:
                 return out
+        if isinstance(cache, RowCaches):  # a batch of sequences, each over its own cache
+            rows = [self._attend(qkv[b : b + 1], None, c) for b, c in enumerate(cache)]
+            return mx.concatenate(rows)
         offset = cache.offset if cache is not None else 0
         # q/k-norm before RoPE, as the reference does; q, k, v: (B, heads, L, head_dim)
         q, k, v = kernels.attention_inputs(

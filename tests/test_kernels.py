@@ -436,6 +436,100 @@ def test_cached_attention_writes_the_cache_in_place_and_copies_a_cache_still_rea
     assert not mx.array_equal(cache.kv, held)
 
 
+def _row_caches(nq, nkv, hd, norms, rope, lengths):
+    """A cache per row, prefilled to its own length through the cached-attention kernels."""
+    caches = []
+    for i, n in enumerate(lengths):
+        cache, step = _cached_layer(nq, nkv, hd, norms, rope)
+        mx.eval(step(normal(1, n, nq + 2 * nkv, hd, seed=40 + i)), cache.kv)
+        caches.append(cache)
+    return caches
+
+
+@pytest.mark.parametrize("nq,nkv,hd,qk_norm", [(12, 3, 64, True), (5, 5, 12, False)])
+def test_rows_attention_gives_each_row_the_bits_it_gets_alone(nq, nkv, hd, qk_norm):
+    """The server's step: rows of lengths on both sides of a key span (256) and of the cache's
+    capacity step, in one kernel, each equal to the bit to its own step alone, its keys and values
+    too, and close to MLX's ops."""
+    from mlx_openelm.kv_cache import RowCaches
+    from mlx_openelm.serve.sequence import _copy
+
+    norms, rope = _heads(nq, nkv, hd, qk_norm)
+    lengths = [3, 255, 300, 64]
+    together = RowCaches(_row_caches(nq, nkv, hd, norms, rope, lengths))
+    alone = [_copy(c, c.offset) for c in together]
+    for i in range(3):
+        qkv = normal(len(lengths), 1, nq + 2 * nkv, hd, seed=60 + i)
+        out = kernels.cached_attention(qkv, together, nq, nkv, *norms, rope, hd**-0.5)
+        mx.eval(out, [c.kv for c in together])
+        for b, cache in enumerate(alone):
+            row = kernels.cached_attention(qkv[b : b + 1], cache, nq, nkv, *norms, rope, hd**-0.5)
+            assert mx.array_equal(out[b : b + 1], row)
+            n = cache.offset
+            assert together[b].offset == n
+            assert mx.array_equal(together[b].kv[..., :n, :], cache.kv[..., :n, :])
+        with kernels.disabled():  # the per-row ops of MLX
+            ref = mx.concatenate([_ref_step(c, qkv[b : b + 1], nq, nkv, hd, norms, rope)
+                                  for b, c in enumerate(alone)])  # fmt: skip
+        close(out, ref)
+
+
+def _ref_step(cache, qkv, nq, nkv, hd, norms, rope):
+    """Attention of qkv's one row over a copy of `cache` (positions past its offset dropped) by
+    MLX's ops: the step just taken, again."""
+    from mlx_openelm.serve.sequence import _copy
+
+    c = _copy(cache, cache.offset - 1)
+    q, k, v = kernels.attention_inputs(qkv, nq, nkv, *norms, rope, c.offset)
+    k, v = c.update_and_fetch(k, v)
+    return kernels.attention(q, k, v, scale=hd**-0.5, mask=None, cache=c)
+
+
+def test_a_batched_step_over_row_caches_matches_mlx_row_by_row():
+    """The model's step over rows of their own lengths: the kernels (one attention kernel for the
+    rows) against MLX's ops, where attention goes one row at a time."""
+    from conftest import tiny_model
+
+    from mlx_openelm.kv_cache import RowCaches
+
+    model = tiny_model()
+    lengths = [2, 40, 17]
+
+    def step():
+        caches = []
+        for i, n in enumerate(lengths):
+            c = model.make_cache()
+            model(mx.arange(3, 3 + n)[None] + i, cache=c)
+            caches.append(c)
+        rows = [RowCaches(c[i] for c in caches) for i in range(len(model.layers))]
+        with kernels.batch_rows(len(lengths)):
+            return model(mx.array([[5], [6], [7]]), cache=rows)
+
+    close(*both(step))
+
+
+def test_gradients_through_the_rows_attention_match_one_row_at_a_time():
+    # The kernel's vjp is its reference's (MLX's ops row by row): check it against the rows alone.
+    norms, rope = _heads(8, 2, 64, True)
+    qkv = normal(3, 1, 12, 64, seed=7)
+    w = normal(3, 1, 8 * 64, seed=8)
+    lengths = [5, 70, 20]
+
+    def loss_rows(qkv):
+        from mlx_openelm.kv_cache import RowCaches
+
+        caches = RowCaches(_row_caches(8, 2, 64, norms, rope, lengths))
+        return (kernels.cached_attention(qkv, caches, 8, 2, *norms, rope, 0.125) * w).sum()
+
+    def loss_alone(qkv):
+        caches = _row_caches(8, 2, 64, norms, rope, lengths)
+        outs = [kernels.cached_attention(qkv[b : b + 1], c, 8, 2, *norms, rope, 0.125)
+                for b, c in enumerate(caches)]  # fmt: skip
+        return (mx.concatenate(outs) * w).sum()
+
+    close(mx.grad(loss_rows)(qkv), mx.grad(loss_alone)(qkv))
+
+
 @pytest.mark.parametrize("nq,nkv,hd", [(6, 2, 64), (40, 1, 24), (5, 5, 12), (9, 3, 72)])
 @pytest.mark.parametrize("length,past,causal", [(33, 0, True), (70, 9, True), (2, 200, True),
                                                 (17, 5, False)])  # fmt: skip

@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, RowCaches
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +311,15 @@ def cached_attention(
 ) -> mx.array | None:
     """The attention of one layer over `cache` (an `mlx_openelm.kv_cache.KVCache`), this step's
     keys and values written into it: (B, L, n_heads * head_dim) from qkv (B, L, n_heads + 2
-    n_kv_heads, head_dim), by two kernels (kv_cache.py says why). None where they do not apply;
-    the caller then takes `attention_inputs`, `cache.update_and_fetch` and `attention`."""
-    if type(cache) is not KVCache or not _heads_ok(qkv, q_norm, k_norm, rope):
+    n_kv_heads, head_dim), by two kernels (kv_cache.py says why). `cache` may be a `RowCaches`
+    too (the server's batch): a decoding row of qkv per cache, of any lengths. None where the
+    kernels do not apply; the caller then takes `attention_inputs`, `cache.update_and_fetch` and
+    `attention`."""
+    if not _heads_ok(qkv, q_norm, k_norm, rope):
+        return None
+    if isinstance(cache, RowCaches):
+        return _rows_attention(qkv, cache, n_heads, n_kv_heads, q_norm, k_norm, rope, scale)
+    if type(cache) is not KVCache:
         return None
     B, L, _, hd = qkv.shape
     cache.reserve(B, n_kv_heads, L, hd, qkv.dtype)
@@ -323,6 +329,27 @@ def cached_attention(
     cache.offset += L
     return _ext.cached_attention(
         qkv, cache.kv, n_heads, n_kv_heads, qw, eps, freqs, rope.base, offset, scale
+    )
+
+
+def _rows_attention(qkv, caches, n_heads, n_kv_heads, q_norm, k_norm, rope, scale):
+    """Each row's keys and values written into its own cache, then one kernel attends all rows,
+    each to the same bits as alone: B + 1 graph nodes a layer where a row at a time took 3B + 1
+    (each row's slice, write and attention, and the concatenation)."""
+    if qkv.shape[1] != 1 or not all(type(c) is KVCache for c in caches):
+        return None
+    qw, kw, eps, freqs = _head_args(q_norm, k_norm, rope)
+    offsets = []
+    for b, cache in enumerate(caches):
+        cache.reserve(1, n_kv_heads, 1, qkv.shape[-1], qkv.dtype)
+        offsets.append(cache.offset)
+        cache.kv = _ext.kv_write(
+            cache.kv, qkv, n_heads, n_kv_heads, kw, eps, freqs, rope.base, cache.offset, row=b
+        )
+        cache.offset += 1
+    kvs = [c.kv for c in caches]
+    return _ext.rows_attention(
+        qkv, kvs, offsets, n_heads, n_kv_heads, qw, eps, freqs, rope.base, scale
     )
 
 

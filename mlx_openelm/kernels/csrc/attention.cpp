@@ -150,34 +150,52 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
             std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
             int64_t nkv, int64_t S, float scale, bool causal) {
   if (L > 1) return attend_tiles(qp, kp, ks, vp, vs, op, B, nq, L, hd, nkv, S, scale, causal);
-  // One row, decoding: it sees every key, masked or not. It has only a few (kv head) items, fewer
-  // than the threads or unevenly many, so its keys go in spans of SPAN, each with its own softmax
-  // state, merged at the end. The spans depend on the shape alone, so the result does not depend
-  // on the thread count.
-  const int64_t rep = nq / nkv, items = B * nkv, parts = (S + SPAN - 1) / SPAN;
-  const int64_t units = items * parts;
+  std::vector<DecodeRow> rows;
+  for (int64_t b = 0; b < B; b++)
+    rows.push_back({qp + b * nq * hd, kp + b * ks[0], vp + b * vs[0], {ks[1], ks[2]},
+                    {vs[1], vs[2]}, S, op + b * nq * hd});
+  attend_rows(rows, nq, nkv, hd, scale);
+}
+
+void attend_rows(const std::vector<DecodeRow>& rows, int64_t nq, int64_t nkv, int64_t hd,
+                 float scale) {
+  // A decoding row sees every key, masked or not. It has only a few (kv head) items, fewer than
+  // the threads or unevenly many, so its keys go in spans of SPAN, each with its own softmax
+  // state, merged at the end. The spans depend on the row's length alone, so its result depends
+  // neither on the thread count nor on the rows beside it.
+  const int64_t rep = nq / nkv;
+  auto parts = [](int64_t S) { return (S + SPAN - 1) / SPAN; };
+  std::vector<int64_t> first = {0};  // row i's units are first[i] .. first[i + 1] - 1
+  int64_t keys = 0;
+  for (const auto& row : rows) {
+    first.push_back(first.back() + nkv * parts(row.S));
+    keys += row.S;
+  }
+  const int64_t units = first.back();
   std::vector<float> partial(units * rep * (hd + 2));  // per span and head: m, l, the output
-  const int threads = items * S * rep * hd < 65536 ? 1 : ThreadPool::threads();
+  const int threads = keys * nkv * rep * hd < 65536 ? 1 : ThreadPool::threads();
   ThreadPool::get().run(threads, units, [&](int64_t unit) {
     std::vector<float> block(rep * BLOCK), acc(rep * hd), m(rep), l(rep);
-    const int64_t item = unit / parts, b = item / nkv, g = item % nkv;
-    const float* kh = kp + b * ks[0] + g * ks[1];
-    const float* vh = vp + b * vs[0] + g * vs[1];
-    const int64_t begin = unit % parts * SPAN, end = std::min(S, begin + SPAN);
+    const auto i = std::upper_bound(first.begin(), first.end(), unit) - first.begin() - 1;
+    const DecodeRow& row = rows[i];
+    const int64_t n_parts = parts(row.S), g = (unit - first[i]) / n_parts;
+    const float* kh = row.k + g * row.ks[0];
+    const float* vh = row.v + g * row.vs[0];
+    const int64_t begin = (unit - first[i]) % n_parts * SPAN, end = std::min(row.S, begin + SPAN);
     std::fill(acc.begin(), acc.end(), 0.0f);
     std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
     std::fill(l.begin(), l.end(), 0.0f);
     for (int64_t j0 = begin; j0 < end; j0 += BLOCK) {
       const int64_t n = std::min(BLOCK, end - j0);
       for (int64_t r = 0; r < rep; r++) {
-        const float* qr = qp + (b * nq + g * rep + r) * hd;
         float* sr = block.data() + r * BLOCK;
-        const float bm = scores(qr, kh + j0 * ks[2], ks[2], n, hd, scale, sr);
+        const float bm = scores(row.q + (g * rep + r) * hd, kh + j0 * row.ks[1], row.ks[1], n, hd,
+                                scale, sr);
         const float m_new = std::max(m[r], bm);
         const float c = std::exp(m[r] - m_new);  // 0 on the first block
         l[r] = l[r] * c + exp_shift(sr, n, m_new);
         m[r] = m_new;
-        accumulate(acc.data() + r * hd, c, sr, vh + j0 * vs[2], vs[2], n, hd);
+        accumulate(acc.data() + r * hd, c, sr, vh + j0 * row.vs[1], row.vs[1], n, hd);
       }
     }
     for (int64_t r = 0; r < rep; r++) {
@@ -187,22 +205,25 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
       std::copy_n(acc.data() + r * hd, hd, st + 2);
     }
   });
-  for (int64_t item = 0; item < items; item++) {
-    const int64_t b = item / nkv, g = item % nkv;
-    for (int64_t r = 0; r < rep; r++) {
-      auto state = [&](int64_t p) { return partial.data() + ((item * parts + p) * rep + r) * (hd + 2); };
-      float mx_all = -std::numeric_limits<float>::infinity(), total = 0;
-      for (int64_t p = 0; p < parts; p++) mx_all = std::max(mx_all, state(p)[0]);
-      float* o = op + (b * nq + g * rep + r) * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t p = 0; p < parts; p++) {
-        const float c = std::exp(state(p)[0] - mx_all);
-        total += state(p)[1] * c;
-        axpy(o, c, state(p) + 2, hd);
+  for (size_t i = 0; i < rows.size(); i++) {
+    const int64_t n_parts = parts(rows[i].S);
+    for (int64_t g = 0; g < nkv; g++)
+      for (int64_t r = 0; r < rep; r++) {
+        auto state = [&](int64_t p) {
+          return partial.data() + ((first[i] + g * n_parts + p) * rep + r) * (hd + 2);
+        };
+        float mx_all = -std::numeric_limits<float>::infinity(), total = 0;
+        for (int64_t p = 0; p < n_parts; p++) mx_all = std::max(mx_all, state(p)[0]);
+        float* o = rows[i].out + (g * rep + r) * hd;
+        std::fill(o, o + hd, 0.0f);
+        for (int64_t p = 0; p < n_parts; p++) {
+          const float c = std::exp(state(p)[0] - mx_all);
+          total += state(p)[1] * c;
+          axpy(o, c, state(p) + 2, hd);
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < hd; d++) o[d] *= inv;
       }
-      const float inv = 1.0f / total;
-      for (int64_t d = 0; d < hd; d++) o[d] *= inv;
-    }
   }
 }
 

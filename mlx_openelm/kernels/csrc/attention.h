@@ -160,6 +160,22 @@ void attend(const float* qp, const float* kp, std::array<int64_t, 3> ks, const f
             std::array<int64_t, 3> vs, float* op, int64_t B, int64_t nq, int64_t L, int64_t hd,
             int64_t nkv, int64_t S, float scale, bool causal);
 
+// One decoding query (all its heads) over keys and values of its own: q and out (nq, hd), key and
+// value rows of hd floats at strides (head, row), S of them.
+struct DecodeRow {
+  const float* q;
+  const float* k;
+  const float* v;
+  std::array<int64_t, 2> ks, vs;
+  int64_t S;
+  float* out;
+};
+
+// attend() for rows of one query each, of any lengths, in one pass of the threads: a row's
+// output is the same bits alone or beside others (the server's batched decode step).
+void attend_rows(const std::vector<DecodeRow>& rows, int64_t nq, int64_t nkv, int64_t hd,
+                 float scale);
+
 // q, k, v (B, heads, L or S, hd) -> (B, L, nq, hd) in MLX ops.
 Reference attention_reference(float scale, bool causal, mx::Stream s);
 

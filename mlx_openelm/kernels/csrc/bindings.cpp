@@ -43,9 +43,12 @@ NB_MODULE(_openelm_kernels, m) {
         "stream"_a = nb::none());
   m.def("kv_write", &oe::kv_write, "kv"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
         "k_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "offset"_a, nb::kw_only(),
-        "stream"_a = nb::none());
+        "row"_a = -1, "stream"_a = nb::none());
   m.def("cached_attention", &oe::cached_attention, "qkv"_a, "kv"_a, "n_heads"_a, "n_kv_heads"_a,
         "q_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "offset"_a, "scale"_a,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("rows_attention", &oe::rows_attention, "qkv"_a, "kvs"_a, "offsets"_a, "n_heads"_a,
+        "n_kv_heads"_a, "q_weight"_a.none(), "eps"_a, "inv_freqs"_a, "base"_a, "scale"_a,
         nb::kw_only(), "stream"_a = nb::none());
   m.def("cross_entropy", &oe::cross_entropy, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());

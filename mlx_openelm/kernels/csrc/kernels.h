@@ -63,10 +63,10 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 // A KV cache of one buffer kv (B, 2, n_kv_heads, capacity, head_dim): keys, then values.
 // kv_write: kv with qkv's k rows (k-normed when k_weight is given, rotated from `offset`) and v
 // rows at positions offset .. offset + L - 1; in place when kv is MLX's to give (nothing else
-// holds it), else on a copy.
+// holds it), else on a copy. With row >= 0, kv (1, ...) takes qkv's row `row` alone.
 mx::array kv_write(const mx::array& kv, const mx::array& qkv, int n_heads, int n_kv_heads,
                    const std::optional<mx::array>& k_weight, float eps, const mx::array& inv_freqs,
-                   float base, int offset, mx::StreamOrDevice s = {});
+                   float base, int offset, int row = -1, mx::StreamOrDevice s = {});
 
 // cached_attention: attention of qkv's q rows (q-normed, rotated from `offset`) over kv's first
 // offset + L positions, causal; (B, L, n_heads * head_dim).
@@ -74,6 +74,16 @@ mx::array cached_attention(const mx::array& qkv, const mx::array& kv, int n_head
                            const std::optional<mx::array>& q_weight, float eps,
                            const mx::array& inv_freqs, float base, int offset, float scale,
                            mx::StreamOrDevice s = {});
+
+// rows_attention: a batch of sequences of their own lengths, one decoding step: qkv (B, 1, ...)
+// row b's q (q-normed, rotated to position offsets[b]) over kvs[b] (1, 2, n_kv_heads, capacity,
+// head_dim), its first offsets[b] + 1 positions (written by kv_write with row b); (B, 1, n_heads *
+// head_dim). Each row is the same bits as cached_attention of that row alone.
+mx::array rows_attention(const mx::array& qkv, const std::vector<mx::array>& kvs,
+                         const std::vector<int>& offsets, int n_heads, int n_kv_heads,
+                         const std::optional<mx::array>& q_weight, float eps,
+                         const mx::array& inv_freqs, float base, float scale,
+                         mx::StreamOrDevice s = {});
 
 // logsumexp(logits) - logits[target] over the last axis, for targets of logits' shape without it
 // (an out-of-range target gives NaN). Its gradient is a kernel too.
