@@ -81,6 +81,25 @@ class KVWrite : public Kernel<KVWrite> {
   int offset_, row_;
 };
 
+namespace {
+
+// What CachedAttention and RowsAttention compute, in MLX ops: qkv's q rows (q-normed, rotated
+// from `offset`) over kv's first offset + L positions, causal; (B, L, nq * hd).
+mx::array cache_attention_reference(const mx::array& qkv, const mx::array& kv, int nq, int nkv,
+                                    const mx::array* q_weight, float eps, float base, int offset,
+                                    float scale, mx::Stream s) {
+  auto q = split_heads_reference(qkv, nq, nkv, q_weight, nullptr, eps, base, offset, s)[0];
+  const int B = kv.shape(0), hd = kv.shape(4), L = qkv.shape(1);
+  auto part = [&](int i) {
+    return mx::squeeze(mx::slice(kv, {0, i, 0, 0, 0}, {B, i + 1, nkv, offset + L, hd}, s), 1, s);
+  };
+  auto o = mx::fast::scaled_dot_product_attention(q, part(0), part(1), scale,
+                                                  L > 1 ? "causal" : "", {}, {}, false, s);
+  return mx::reshape(mx::transpose(o, {0, 2, 1, 3}, s), {B, L, nq * hd}, s);
+}
+
+}  // namespace
+
 // Inputs: qkv, kv (after this step's KVWrite), inv_freqs, and the q-norm weight.
 class CachedAttention : public Kernel<CachedAttention> {
  public:
@@ -88,18 +107,9 @@ class CachedAttention : public Kernel<CachedAttention> {
                   float scale)
       : Kernel(s,
                      [=](const std::vector<mx::array>& in) {
-                       auto q = split_heads_reference(in[0], nq, nkv, q_norm ? &in[3] : nullptr,
-                                                      nullptr, eps, base, offset, s)[0];
-                       const auto& kv = in[1];
-                       const int B = kv.shape(0), hd = kv.shape(4), L = in[0].shape(1);
-                       auto part = [&](int i) {
-                         return mx::squeeze(
-                             mx::slice(kv, {0, i, 0, 0, 0}, {B, i + 1, nkv, offset + L, hd}, s), 1, s);
-                       };
-                       auto o = mx::fast::scaled_dot_product_attention(
-                           q, part(0), part(1), scale, L > 1 ? "causal" : "", {}, {}, false, s);
-                       return std::vector<mx::array>{
-                           mx::reshape(mx::transpose(o, {0, 2, 1, 3}, s), {B, L, nq * hd}, s)};
+                       return std::vector<mx::array>{cache_attention_reference(
+                           in[0], in[1], nq, nkv, q_norm ? &in[3] : nullptr, eps, base, offset,
+                           scale, s)};
                      }),
         nq_(nq), nkv_(nkv), q_norm_(q_norm), eps_(eps), base_(base), offset_(offset),
         scale_(scale) {}
@@ -155,16 +165,9 @@ class RowsAttention : public Kernel<RowsAttention> {
                        std::vector<mx::array> outs;
                        for (int b = 0; b < B; b++) {
                          auto qkv = mx::slice(in[0], {b, 0, 0, 0}, {b + 1, 1, H, hd}, s);
-                         auto q = split_heads_reference(qkv, nq, nkv, q_norm ? &in[2] : nullptr,
-                                                        nullptr, eps, base, offsets[b], s)[0];
-                         const auto& kv = in[first_kv + b];
-                         auto part = [&](int i) {
-                           return mx::squeeze(mx::slice(kv, {0, i, 0, 0, 0},
-                                                        {1, i + 1, nkv, offsets[b] + 1, hd}, s), 1, s);
-                         };
-                         auto o = mx::fast::scaled_dot_product_attention(q, part(0), part(1), scale,
-                                                                         "", {}, {}, false, s);
-                         outs.push_back(mx::reshape(o, {1, 1, nq * hd}, s));
+                         outs.push_back(cache_attention_reference(
+                             qkv, in[first_kv + b], nq, nkv, q_norm ? &in[2] : nullptr, eps, base,
+                             offsets[b], scale, s));
                        }
                        return std::vector<mx::array>{mx::concatenate(outs, 0, s)};
                      }),
