@@ -60,6 +60,9 @@ def test_health_and_models(server, client, tiny_folder):
     assert httpx.get(server[0] + "/health").status_code == 200
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == str(tiny_folder) and "m" in ids
+    assert client.models.retrieve("m").id == "m"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_completion_equals_generate(client, expected):
@@ -116,6 +119,23 @@ def test_a_next_turn_reuses_the_cached_prompt(client, expected):
     r2 = chat(client, second, max_tokens=N, temperature=0)
     assert r2.choices[0].message.content == expected[json.dumps(second)]
     assert r2.usage.prompt_tokens_details.cached_tokens >= 64
+
+
+def test_top_p_0_and_nulls_are_what_openai_means(server, expected):
+    # top_p 0 keeps only the likeliest token: greedy at any temperature. A null option is its
+    # default, as OpenAI's API has it (apps send them).
+    body = {"model": "m", "prompt": PROMPTS[0], "max_tokens": N, "temperature": 1.5, "top_p": 0}
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected[PROMPTS[0]]
+    nulls = dict.fromkeys(
+        ["top_p", "n", "stop", "seed", "logprobs", "stream", "user", "presence_penalty",
+         "logit_bias", "response_format", "top_k"]
+    )  # fmt: skip
+    body = {**body, "temperature": 0, **nulls}
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == expected[PROMPTS[0]]
 
 
 def test_sampling_options_and_seed(client):

@@ -73,6 +73,8 @@ BAD = [
     ("completions", ok(response_format=schema({"type": "nonsense"})), 400, None),
     ("completions", ok(response_format=schema({"$ref": "#/nowhere"})), 400, None),
     ("completions", ok(response_format=schema([1, 2])), 400, None),
+    ("completions", ok(response_format={"type": "json_schema"}), 400, None),
+    ("completions", ok(response_format=schema({"type": "string", "pattern": "(("})), 400, None),
     ("completions", ok(suffix="x"), 400, None),
     ("chat/completions", chat(messages=[]), 400, None),
     ("chat/completions", chat(messages=[{"role": "wizard", "content": "hi"}]), 400, None),
@@ -97,7 +99,7 @@ def test_bad_requests_get_openai_errors(url, path, body, status, code):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "Traceback" not in r.text
+    assert "Traceback" not in r.text and ".cc:" not in r.text  # nor a C++ source line
     if code:
         assert error["code"] == code
     # and the server still serves
@@ -139,3 +141,45 @@ def test_api_key_and_a_base_model(base_url):
     assert body["choices"][0]["finish_reason"] == "length"
     r = httpx.post(f"{base_url}/v1/chat/completions", json=chat(model="base"), headers=key)
     assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+
+
+def test_slow_and_idle_clients_are_timed_out(url, monkeypatch):
+    # Each holds a socket; without deadlines enough of them lock everyone else out (uvicorn's
+    # limit_concurrency answers 503 to all newcomers). Deadlines of a second here.
+    import socket
+    import time
+
+    from mlx_openelm.serve import app, http
+
+    monkeypatch.setattr(http, "HEADER_SECONDS", 1.0)
+    monkeypatch.setattr(app, "BODY_SECONDS", 1.0)
+    host, port = url.removeprefix("http://").split(":")
+    partial = {
+        "idle": b"",
+        "headers": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+        "body": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{\"model\": ",
+    }
+    socks = {}
+    for kind, data in partial.items():
+        socks[kind] = [socket.create_connection((host, int(port))) for _ in range(5)]
+        for s in socks[kind]:
+            s.sendall(data)
+            s.settimeout(10)
+    # while they wait, others are served
+    assert httpx.post(f"{url}/v1/completions", json=ok(), timeout=30).status_code == 200
+    time.sleep(0.5)
+    for s in socks["headers"]:  # a header line now and then does not keep it open
+        s.sendall(b"X-Slow: 1\r\n")
+    start = time.monotonic()
+    for kind, group in socks.items():
+        for s in group:
+            reply = b""  # the server answers, or closes the connection without a word
+            while chunk := s.recv(4096):
+                reply += chunk
+            if kind == "body":
+                assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+            else:
+                assert reply == b""
+            s.close()
+    assert time.monotonic() - start < 8

@@ -49,6 +49,7 @@ def make_server(
 
     from .app import create_app
     from .engine import Engine
+    from .http import Protocol
     from .prompt_cache import BLOCK
 
     checks = [
@@ -76,9 +77,10 @@ def make_server(
         host=host,
         port=port,
         log_level=log_level,
-        # Slow or idle clients: each holds a socket, never the engine; past this many at once
-        # uvicorn answers 503 instead of piling up.
-        limit_concurrency=max_batch + max_queue + 256,
+        http=Protocol,  # slow or idle clients time out (http.py)
+        # Requests past the batch and its queue get the engine's 429. This bounds the sockets
+        # (each may hold a body of up to app.MAX_BODY): past it uvicorn answers 503.
+        limit_concurrency=max_batch + max_queue + 1024,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=3,
         h11_max_incomplete_event_size=64 * 1024,

@@ -34,6 +34,7 @@ from .sequence import Job, Piece
 
 log = logging.getLogger("mlx_openelm.serve")
 MAX_BODY = 4 << 20  # bytes: a whole context of text is ~10 KB; a long chat history far less
+BODY_SECONDS = 30.0  # to read a body: 4 MiB at ~1 Mbit/s
 STATIC = Path(__file__).parent / "static"
 # The chat page runs only its own files; model text is never HTML (app.js), this is a second wall.
 PAGE_HEADERS = {
@@ -80,9 +81,13 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         served = _check(request)
-        data = [{"id": i, "object": "model", "created": 0, "owned_by": "mlx-openelm"}
-                for i in sorted(served.model_ids, key=lambda i: i != model_id)]  # fmt: skip
+        data = [_model_entry(i) for i in sorted(served.model_ids, key=lambda i: i != model_id)]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> JSONResponse:
+        jobs.check_model(_check(request), model)
+        return JSONResponse(_model_entry(model))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -93,6 +98,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         return await _complete(request, CompletionRequest, chat=False)
 
     return app
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "mlx-openelm"}
 
 
 def _auth_header(e: APIError) -> dict[str, str] | None:
@@ -128,10 +137,19 @@ async def _body(request: Request) -> Any:
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
         raise APIError(413, f"the request body is over {MAX_BODY} bytes", code="body_too_large")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY:
-            raise APIError(413, f"the request body is over {MAX_BODY} bytes", code="body_too_large")
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            data.extend(chunk)
+            if len(data) > MAX_BODY:
+                raise APIError(413, f"the request body is over {MAX_BODY} bytes",
+                               code="body_too_large")  # fmt: skip
+
+    try:  # a client that sends its body a byte at a time must not hold its place for ever
+        await asyncio.wait_for(read(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body took over {BODY_SECONDS:.0f} s to arrive",
+                       code="request_timeout") from None  # fmt: skip
     if not data:
         raise APIError(400, "the request body is empty: send a JSON object")
     try:

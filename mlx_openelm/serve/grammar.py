@@ -10,6 +10,7 @@ measurement.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import mlx.core as mx
@@ -20,6 +21,7 @@ from .protocol import APIError, ResponseFormat
 
 # A small grammar keeps a hostile schema from costing the engine thread much per token.
 MAX_SCHEMA_BYTES = 64 * 1024
+XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
 class Grammars:
@@ -68,8 +70,10 @@ class Grammars:
         if fmt.type == "json_object":
             schema: Any = {"type": "object"}
         else:
-            spec = fmt.json_schema or {}
-            schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs a json_schema",
+                               param="response_format.json_schema")  # fmt: skip
+            schema = fmt.json_schema.get("schema", {})
             if not isinstance(schema, (dict, bool)):
                 raise APIError(400, "json_schema.schema must be a JSON schema object",
                                param="response_format.json_schema")  # fmt: skip
@@ -83,7 +87,8 @@ class Grammars:
                 text, any_whitespace=False, separators=(",", ":")
             )
         except Exception as e:  # xgrammar reports a bad schema as a RuntimeError/ValueError
-            message = " ".join(str(e).split())[:500]
+            # xgrammar's messages begin with a time and its own source line: not the client's
+            message = XGRAMMAR_PREFIX.sub("", " ".join(str(e).split()))[:500]
             raise APIError(
                 400, f"invalid JSON schema: {message}", param="response_format"
             ) from None

@@ -112,10 +112,12 @@ def params(served: Served, req: Sampling, prompts: list[list[int]], chat: bool) 
                            param="logit_bias")  # fmt: skip
         bias[int(key)] = value
     grammar = served.grammars.compile(req.response_format) if req.response_format else None
-    return Params(
+    # OpenAI's top_p 0 keeps only the likeliest token: greedy (mlx-lm's sampler reads 0 as off).
+    greedy = req.top_p == 0
+    params = Params(
         max_tokens=room if max_tokens is None else max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
+        temperature=0.0 if greedy else req.temperature,
+        top_p=1.0 if greedy else req.top_p,
         top_k=max(req.top_k, 0),
         min_p=req.min_p,
         repetition_penalty=req.repetition_penalty,
@@ -127,6 +129,11 @@ def params(served: Served, req: Sampling, prompts: list[list[int]], chat: bool) 
         grammar=grammar,
         trim_space=chat,
     )
+    try:  # the engine builds the sampler from these: a bad option fails here, as a 400
+        params.sampling().check()
+    except UserError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    return params
 
 
 def _logprobs(req: Sampling) -> int | None:

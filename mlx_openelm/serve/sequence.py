@@ -39,6 +39,11 @@ class Params:
     grammar: Any = None  # a compiled grammar (grammar.py) the reply must follow
     trim_space: bool = False  # a chat reply: drop the first word's leading space
 
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(
+            self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty
+        )
+
 
 @dataclass
 class Piece:
@@ -93,8 +98,7 @@ class Sequence:
         self.sampled = 0  # tokens sampled (one ahead of `generated` while a step computes)
         self.finished = False
         self.leader: Sequence | None = None  # a sibling choice that prefills the shared prompt
-        sampling = SamplingOptions(p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
-        self.sampler, self.processors = sampling.build(tokenizer.vocab_size)
+        self.sampler, self.processors = p.sampling().build(tokenizer.vocab_size)
         eos = () if p.ignore_eos else None
         self.text = TextStream(tokenizer, p.stop, p.trim_space, eos=eos)
         self.matcher = p.grammar.matcher() if p.grammar is not None else None
