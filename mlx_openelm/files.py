@@ -133,6 +133,8 @@ def parse_json(text: str | bytes, source: str | Path) -> Any:
         raise UserError(f"{source} is not valid JSON: {e}") from None
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+    except ValueError:  # Python's cap on an integer's digits (sys.get_int_max_str_digits)
+        raise UserError(f"{source} holds a number with too many digits") from None
     except RecursionError:
         raise UserError(f"{source}: JSON nested too deeply") from None
     if _depth(obj) > MAX_JSON_DEPTH:
@@ -146,6 +148,8 @@ def parse_json_line(line: str, where: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    except ValueError:
+        raise UserError(f"{where}: a number with too many digits") from None
     except RecursionError:
         raise UserError(f"{where}: JSON nested too deeply") from None
 

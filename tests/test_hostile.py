@@ -159,6 +159,9 @@ def test_deep_and_self_referencing_pickles_and_json(tmp_path):
         else:
             (src / name).write_bytes(header_bytes(nested) + b"\0" * 16)
         assert_refused(tmp_path, src, name)
+    src = write_hf(tmp_path / "hf", CONFIG, safetensors_bytes(STATE))
+    (src / "config.json").write_text('{"model_dim": ' + "9" * 5000 + "}")  # past Python's cap
+    assert_refused(tmp_path, src, "config.json")
 
 
 GLOBAL = b"ctorch._utils\n_rebuild_tensor_v2\n"

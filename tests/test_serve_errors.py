@@ -39,6 +39,7 @@ BAD = [
     ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
     ("completions", b'{"model": "m", "prompt": "a", "temperature": NaN}', 400, None),
     ("completions", b'{"model": "m", "model": "m", "prompt": "a"}', 400, None),
+    ("completions", b'{"model": "m", "prompt": "a", "n": ' + b"9" * 5000 + b"}", 400, None),
     ("completions", {"model": "m"}, 400, None),
     ("completions", {"prompt": "Anne"}, 400, None),
     ("completions", ok(prompt=5), 400, None),
