@@ -125,7 +125,7 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
         // unpacking of its bytes, four at a time).
         if (M <= MAX_INT8_ROWS && int8_fits(K, gs)) {
           // At a cache line's start, so that no 512-bit load of a piece spans two lines.
-          const int64_t stride = (PIECES * K + 63) / 64 * 64;
+          const int64_t stride = ((bits == 4 ? PIECES * K : q8_piece_bytes(K)) + 63) / 64 * 64;
           std::vector<int8_t> piece_store(M * stride + 64);
           int8_t* pieces = piece_store.data() + (64 - uintptr_t(piece_store.data()) % 64) % 64;
           std::vector<float> dl(M * (K / 8));
@@ -133,7 +133,7 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
           for (int64_t b = 0; b < K / 32; b++) sidx[b] = int32_t(b * 32 / gs);
           for (int64_t m = 0; m < M; m++) {
             if (bits == 4) split_x<true>(xp + m * K, K, pieces + m * stride, dl.data() + m * (K / 8));
-            else split_x<false>(xp + m * K, K, pieces + m * stride, dl.data() + m * (K / 8));
+            else split_x8(xp + m * K, K, pieces + m * stride, dl.data() + m * (K / 8));
           }
           parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
             std::vector<float> buf(2 * groups);
@@ -148,7 +148,7 @@ class QuantizedLinear : public Kernel<QuantizedLinear> {
                   q4_rows(std::min<int64_t>(Q4_ROWS, M - m), pm, stride, dm, sidx.data(), xs, wp,
                           sr, br, rm, op + m * N, N, K, gs, n);
                 else
-                  q8_row_int8(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
+                  q8_row(pm, dm, sidx.data(), xs, wp, sr, br, rm, op + m * N, K, gs, n);
               }
             }
           });
