@@ -5,22 +5,31 @@ The `mlx[cpu]` wheel bundles the reference (netlib) BLAS, far slower than an opt
 before `mlx.core` is imported makes MLX bind to it. This must run before any `import mlx.core`, so
 `mlx_openelm/__init__.py` calls it first.
 
-MLX_OPENELM_BLAS picks: `auto` (the default, below), `mkl`, `openblas`, `blis`, `none`, or a path
-to a shared library. `auto` tries MKL, then OpenBLAS, then BLIS, except on AMD CPUs, where it tries
-OpenBLAS first. MKL comes from PyPI with this package on x86-64 Linux, so no system package is
-needed, and on Intel it ran the prefill products twice as fast as OpenBLAS. MKL picks its code
-path by CPU vendor, and AMD gets a generic one: there, Debian's OpenBLAS ran 270M prefill ~1.4x
-faster (docs/performance.md). Decode does not care which one is loaded when the CPU kernels
-(`kernels/`) are on, since they run the one-row products. The OpenMP build of OpenBLAS comes
-first: its idle threads spin only as long as `GOMP_SPINCOUNT` says (set below).
+MLX_OPENELM_BLAS picks: `auto` (the default, below), `mkl`, `openblas`, `scipy-openblas`, `blis`,
+`none`, or a path to a shared library. `auto` tries MKL, then OpenBLAS (the system's, then PyPI's),
+then BLIS, except on AMD CPUs, where it tries both OpenBLAS first, then MKL. MKL comes from PyPI
+with this package on x86-64 Linux, so no system package is needed, and on Intel it ran the prefill
+products twice as fast as OpenBLAS. MKL picks its code path by CPU vendor, and AMD gets a generic
+one: there, Debian's OpenBLAS ran the 270M's prefill ~1.3x faster, and PyPI's (`scipy-openblas32`,
+which pip installs with this package) ~1.2x (docs/performance.md). PyPI's names its symbols
+`scipy_cblas_*`, which MLX does not bind to: a forwarding library of three functions (`SHIM`) is
+compiled for it once. Decode does not care which one is loaded when the CPU kernels (`kernels/`)
+are on, since they run the one-row products. The OpenMP build of OpenBLAS comes first: its idle
+threads spin only as long as `GOMP_SPINCOUNT` says (set below).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.util
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from ._cpuinfo import cpuinfo
 
@@ -47,8 +56,21 @@ CANDIDATES = {
         "libblis.so.4",
     ],
 }
-AUTO = ("mkl", "openblas", "blis")
-AUTO_AMD = ("openblas", "mkl", "blis")
+AUTO = ("mkl", "openblas", "scipy-openblas", "blis")
+AUTO_AMD = ("openblas", "scipy-openblas", "mkl", "blis")
+
+# The cblas functions that MLX's CPU back end calls (`nm -D libmlx.so`), forwarded to PyPI's
+# OpenBLAS. Its LAPACK calls stay with MLX's bundled LAPACK.
+SHIM = """
+typedef int I;
+#define GEMM(T, S, name)                                                                          \\
+  extern void scipy_##name(I, I, I, I, I, I, S, const T*, I, const T*, I, S, T*, I);              \\
+  void name(I o, I ta, I tb, I m, I n, I k, S al, const T* a, I lda, const T* b, I ldb, S be,     \\
+            T* c, I ldc) { scipy_##name(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc); }
+GEMM(float, float, cblas_sgemm)
+GEMM(double, double, cblas_dgemm)
+GEMM(void, const void*, cblas_cgemm)
+"""
 # Each library reads its own variable; a launcher that shares cores between processes sets them all.
 THREAD_VARS = ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS")
 
@@ -61,6 +83,40 @@ def thread_env(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in THREAD_VARS}
 
 
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx-openelm"
+
+
+def scipy_openblas_shim() -> str | None:
+    """The forwarding library for PyPI's scipy-openblas32, compiled on first use; None without
+    the package or a C compiler (then `auto` goes on to the next library)."""
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib_dir = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    target = lib_dir / "libscipy_openblas.so"
+    compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
+    cc = next((c for c in compilers if c and shutil.which(c)), None)
+    if not target.is_file() or cc is None:
+        return None
+    key = hashlib.sha256(f"{SHIM}{target}{target.stat().st_mtime_ns}{cc}".encode()).hexdigest()
+    out = user_cache_dir() / "blas" / f"libcblas-scipy-openblas-{key[:16]}.so"
+    if out.is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        built = Path(tmp) / out.name
+        cmd = [cc, "-O2", "-shared", "-fPIC", "-x", "c", "-", "-o", str(built), f"-L{lib_dir}",
+               "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"]  # fmt: skip
+        result = subprocess.run(cmd, input=SHIM, capture_output=True, text=True)
+        if result.returncode != 0:
+            log.debug("building the scipy-openblas32 shim failed: %s", result.stderr)
+            return None
+        os.replace(built, out)  # whole or not at all, also with two processes building at once
+    return str(out)
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or "" where unknown."""
     return cpuinfo("vendor_id")
@@ -69,6 +125,13 @@ def cpu_vendor() -> str:
 def auto_order(vendor: str) -> tuple[str, ...]:
     """The libraries `auto` tries, fastest first on this vendor's CPUs (docs/performance.md)."""
     return AUTO_AMD if vendor == "AuthenticAMD" else AUTO
+
+
+def _paths(lib: str) -> list[str]:
+    if lib == "scipy-openblas":
+        shim = scipy_openblas_shim()
+        return [shim] if shim else []
+    return CANDIDATES[lib]
 
 
 def _load_gomp() -> bool:
@@ -87,7 +150,7 @@ def bundled_blas_bound() -> bool:
             maps = f.read()
     except OSError:
         return False
-    fast = ("libmkl_rt", "libopenblas", "libblis")
+    fast = ("libmkl_rt", "libopenblas", "libscipy_openblas", "libblis")
     return "mlx_cpu.libs/libblas" in maps and not any(name in maps for name in fast)
 
 
@@ -122,9 +185,9 @@ def load_fast_blas() -> str | None:
     if choice == "none":
         return None
     if choice == "auto":
-        names = [name for lib in auto_order(cpu_vendor()) for name in CANDIDATES[lib]]
+        names = [name for lib in auto_order(cpu_vendor()) for name in _paths(lib)]
     else:
-        names = CANDIDATES.get(choice, [choice])
+        names = _paths(choice) if choice in (*CANDIDATES, "scipy-openblas") else [choice]
     for name in names:
         if "blis" in name:
             # BLIS runs single-threaded unless told otherwise.

@@ -43,11 +43,34 @@ def test_auto_loads_the_first_library_present_in_the_vendors_order():
         lib: next((p for p in paths if p.startswith("/") and Path(p).is_file()), None)
         for lib, paths in _blas.CANDIDATES.items()
     }
+    present["scipy-openblas"] = _blas.scipy_openblas_shim()
     first = next((lib for lib in _blas.auto_order(_blas.cpu_vendor()) if present[lib]), None)
     if first is None:
         pytest.skip("no BLAS library at a known path here")
     loaded = _loaded_in_fresh_process("auto")
     assert loaded == present[first], (first, loaded)
+
+
+def test_pypi_openblas_through_its_forwarding_library():
+    # scipy-openblas32 prefixes its symbols (scipy_cblas_sgemm); the shim gives MLX cblas_sgemm.
+    shim = _blas.scipy_openblas_shim()
+    if shim is None:
+        pytest.skip("scipy-openblas32 or a C compiler is missing")
+    assert _blas.scipy_openblas_shim() == shim  # built once, then found in the cache
+    code = """
+import mlx_openelm._blas as b, mlx.core as mx, numpy as np
+print(b.loaded)
+a, c = mx.random.normal((130, 70)), mx.random.normal((70, 90))
+d = np.array(a, np.float64) @ np.array(c, np.float64)
+print(np.abs(np.array(a @ c) - d).max() / np.abs(d).max())
+maps = open("/proc/self/maps").read()
+print("libscipy_openblas" in maps, b.bundled_blas_bound())
+"""
+    env = {**os.environ, "MLX_OPENELM_BLAS": "scipy-openblas"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded, err, mapped = out.stdout.split("\n")[:3]
+    assert loaded == shim and float(err) < 1e-5 and mapped == "True False"
 
 
 def test_none_loads_nothing():

@@ -27,6 +27,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from .._blas import user_cache_dir
 from .._cpuinfo import cpuinfo
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ class BuildError(RuntimeError):
 def cache_root() -> Path:
     if os.environ.get("MLX_OPENELM_KERNEL_CACHE"):
         return Path(os.environ["MLX_OPENELM_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx-openelm" / "kernels"
+    return user_cache_dir() / "kernels"
 
 
 def _compiler() -> str:
