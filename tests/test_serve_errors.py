@@ -184,3 +184,50 @@ def test_slow_and_idle_clients_are_timed_out(url, monkeypatch):
                 assert reply == b""
             s.close()
     assert time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_stream_stops_the_server_cleanly(sig):
+    # The reply in flight ends at once with a 503 event, and the process exits with the signal's
+    # code. Before, the reply ran on past uvicorn's grace period and was cut (a traceback in the
+    # log), and interpreter teardown could abort ("terminate called without an active
+    # exception", exit 134).
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from serving import free_port
+
+    demo = Path(__file__).parent.parent / "demo" / "OpenELM-austen"
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(demo), "--port",
+           str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        body = {"model": "OpenELM-austen", "prompt": "Anne", "max_tokens": 1900, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                if len(events) == 5:
+                    proc.send_signal(getattr(signal, sig))
+        assert events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-2:]
+        assert len(events) < 1000  # it did not run on to its 1900 tokens
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130), stderr[-2000:]
+    assert "terminate called" not in stderr and "Traceback" not in stderr, stderr[-4000:]
