@@ -78,6 +78,8 @@ def make_server(
         port=port,
         log_level=log_level,
         http=Protocol,  # slow or idle clients time out (http.py)
+        # No startup or shutdown hooks: without the lifespan task, Ctrl-C logs no CancelledError.
+        lifespan="off",
         # Requests past the batch and its queue get the engine's 429. This bounds the sockets
         # (each may hold a body of up to app.MAX_BODY): past it uvicorn answers 503.
         limit_concurrency=max_batch + max_queue + 1024,
