@@ -185,7 +185,8 @@ def load_fast_blas() -> str | None:
     if choice == "none":
         return None
     if choice == "auto":
-        names = [name for lib in auto_order(cpu_vendor()) for name in _paths(lib)]
+        # lazily: the shim is looked for (and built) only when the libraries before it are absent
+        names = (name for lib in auto_order(cpu_vendor()) for name in _paths(lib))
     else:
         names = _paths(choice) if choice in (*CANDIDATES, "scipy-openblas") else [choice]
     for name in names:
