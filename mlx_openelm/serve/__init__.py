@@ -49,7 +49,7 @@ def make_server(
 
     from .app import create_app
     from .engine import Engine
-    from .http import Protocol
+    from .http import Protocol, Server
     from .prompt_cache import BLOCK
 
     checks = [
@@ -87,24 +87,7 @@ def make_server(
         timeout_graceful_shutdown=3,
         h11_max_incomplete_event_size=64 * 1024,
     )
-    return _stopping_engine_first(uvicorn.Server)(config, engine), engine
-
-
-def _stopping_engine_first(base: type) -> type:
-    class Server(base):  # type: ignore[misc, valid-type]
-        """uvicorn's server, stopping the engine as soon as it is told to stop (Ctrl-C, SIGTERM):
-        the replies in flight end at the next step with a 503 (an error event in a stream)
-        instead of running on past uvicorn's 3 s of grace, to be cut mid-stream."""
-
-        def __init__(self, config: Any, engine: Any):
-            super().__init__(config)
-            self.engine = engine
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            self.engine.stop(timeout=0)
-            super().handle_exit(sig, frame)
-
-    return Server
+    return Server(config, engine), engine
 
 
 def serve(model: str, **options: Any) -> None:
