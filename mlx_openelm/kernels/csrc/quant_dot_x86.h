@@ -67,6 +67,14 @@ inline ChunkAt chunk_at(int64_t c, int64_t K) {
   return {even, even + 32 * chunks};
 }
 
+// The largest |x| of 32 floats: a block's scale for its integer pieces.
+inline float abs_max32(const float* x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
+  return hmax(m);
+}
+
 inline __m256i pack_int8(__m256 a, __m256 b, __m256 c, __m256 d) {  // 32 integral floats, in order
   const __m256i ab = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
   const __m256i cd = _mm256_packs_epi32(_mm256_cvtps_epi32(c), _mm256_cvtps_epi32(d));
@@ -80,15 +88,13 @@ inline __m256i pack_int8(__m256 a, __m256 b, __m256 c, __m256 d) {  // 32 integr
 // the others. For 8-bit weights they are in x's order and dl[b] is block b's d.
 template <bool NIBBLES>
 inline void split_x(const float* x, int64_t K, int8_t* pieces, float* dl) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   const __m256 piece = _mm256_set1_ps(PIECE);
   for (int64_t c = 0; c < K / 64; c++) {
     const float* xc = x + c * 64;
     __m256 r[8], inv[2];
     for (int h = 0; h < 2; h++) {  // the two 32-blocks
-      __m256 m = _mm256_setzero_ps();
-      for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xc + 32 * h + 8 * i)));
-      const float largest = hmax(m);
+      const float largest = abs_max32(xc + 32 * h);
       if constexpr (NIBBLES) std::fill_n(dl + 8 * c + 4 * h, 4, largest / 127);
       else dl[2 * c + h] = largest / 127;
       inv[h] = _mm256_set1_ps(largest > 0 ? 127 / largest : 0);
@@ -315,12 +321,10 @@ constexpr float PIECE16 = 32766.f, LIMIT16 = 16383.f;
 
 // x (K floats, K % 32 == 0) -> two rows of K int16 pieces in x's order, and each 32-block's d.
 inline void split_x16(const float* x, int64_t K, int16_t* pieces, float* d) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(LIMIT16), lo = _mm256_set1_ps(-LIMIT16);
+  const __m256 hi = _mm256_set1_ps(LIMIT16), lo = _mm256_set1_ps(-LIMIT16);
   for (int64_t b = 0; b < K / 32; b++) {
     const float* xb = x + b * 32;
-    __m256 m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * i)));
-    const float largest = hmax(m);
+    const float largest = abs_max32(xb);
     d[b] = largest / LIMIT16;
     const __m256 inv = _mm256_set1_ps(largest > 0 ? LIMIT16 / largest : 0);
     __m256 r[4];
