@@ -67,11 +67,12 @@ def test_linear_leaves_many_rows_and_biases_to_mlx():
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 @pytest.mark.parametrize("rows", [2, 5, 7, 8])  # 4-bit rows go in fours
-def test_a_batch_of_rows_gives_each_row_what_it_gives_alone(bits, rows):
+@pytest.mark.parametrize("n", [1000, 1003])  # 1003: fp32 rows left over from blocks of 8, 4, 2
+def test_a_batch_of_rows_gives_each_row_what_it_gives_alone(bits, rows, n):
     # The server's decode step (kernels.batch_rows): past four rows the weights go in tiles
     # that serve every block of rows, and quantized rows take the one-row integer dots each
     # (4-bit ones four at a time, each as it would alone).
-    k, n = 1280, 1000
+    k = 1280
     layer = nn.Linear(k, n, bias=False)
     layer.weight = normal(n, k, seed=3) * k**-0.5
     if bits:

@@ -10,53 +10,35 @@ namespace oe {
 
 namespace {
 
-// How many weight rows a product reads at once differs by CPU, as measured. On the AMD EPYC VM,
-// reading four at once (each with its own prefetch every 32 bytes) gave the prefetcher four
-// streams per thread, and one sequential stream was faster: ~2x for the quantized products, ~10%
-// for fp32 (the README has the figures). So the quantized products read one row at a time, and so
-// does fp32 except on Intel: on the Xeon VM, a 32000 x 1280 fp32 product streamed 28 GB/s one row
-// at a time (with a software prefetch 4 KB ahead; 24.5 without), 32 with 8 rows at once and no
-// prefetch, 34 with 8 rows in 16-float vectors, as MKL's sgemv.
-inline bool many_streams() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
-#else
-  return false;
-#endif
-}
-
-// out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows at once.
-// One weight row alone gets two accumulators per input row, to hide the FMA latency (one 16-float
-// accumulator streamed 22 GB/s where two did 28), and a prefetch 4 KB ahead.
+// Weight rows a product reads at once: 8 with one input row (2-4 with more, as the 16 registers
+// allow), so each thread keeps several streams of loads in flight. On a 2-core AMD EPYC VM, in a
+// microbenchmark streaming 1.08 GB of fp32 weights on two threads, 8 rows at once ran 1.15-1.25x
+// faster than one row with a software prefetch 4 KB ahead (~19 GB/s), and the 270M's fp32 decode
+// 1.19x (4 alternating `generate_step` rounds); on an Intel Xeon VM a 32000 x 1280 product
+// streamed 32-34 GB/s so, against 28 one row at a time (as MKL's sgemv reads it).
+//
+// out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows. Every
+// (m, r) has one accumulator summed in the same order whatever MR and NR are, so a row's result
+// does not depend on the rows beside it in a server's batch.
 template <int MR, int NR>
 inline void f32_rows(const float* x, const float* w, const float* res, float* out, int64_t K,
                      int64_t N, int64_t n) {
   using X = VecW;
-  constexpr int U = NR == 1 ? 2 : 1;
-  typename X::V acc[MR][NR][U];
+  typename X::V acc[MR][NR];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++)
-      for (int u = 0; u < U; u++) acc[m][r][u] = X::zero();
+    for (int r = 0; r < NR; r++) acc[m][r] = X::zero();
   int64_t k = 0;
-  for (; k + U * X::N <= K; k += U * X::N) {
-    for (int u = 0; u < U; u++) {
-      if constexpr (NR == 1) __builtin_prefetch(w + n * K + k + u * X::N + 1024);
-      typename X::V xv[MR];
-      for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k + u * X::N);
-      for (int r = 0; r < NR; r++) {
-        const auto wv = X::load(w + (n + r) * K + k + u * X::N);
-        for (int m = 0; m < MR; m++) acc[m][r][u] = X::fma(wv, xv[m], acc[m][r][u]);
-      }
+  for (; k + X::N <= K; k += X::N) {
+    typename X::V xv[MR];
+    for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k);
+    for (int r = 0; r < NR; r++) {
+      const auto wv = X::load(w + (n + r) * K + k);
+      for (int m = 0; m < MR; m++) acc[m][r] = X::fma(wv, xv[m], acc[m][r]);
     }
   }
   float acc_s[MR][NR];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) {
-      auto a = acc[m][r][0];
-      for (int u = 1; u < U; u++) a = X::add(a, acc[m][r][u]);
-      acc_s[m][r] = X::sum(a);
-    }
+    for (int r = 0; r < NR; r++) acc_s[m][r] = X::sum(acc[m][r]);
   for (; k < K; k++)
     for (int m = 0; m < MR; m++)
       for (int r = 0; r < NR; r++) acc_s[m][r] += w[(n + r) * K + k] * x[m * K + k];
@@ -68,11 +50,10 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
 // Weight rows n0 .. n1 - 1 against MR input rows.
 template <int MR>
 void f32_span(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N,
-              int64_t n0, int64_t n1, bool many) {
+              int64_t n0, int64_t n1) {
   constexpr int NR = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // at most 8 accumulators
   int64_t n = n0;
-  if (many)
-    for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
+  for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
   for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
 }
 
@@ -85,7 +66,6 @@ constexpr int64_t TILE = 16;
 // A row's sums do not depend on its block, so each row gets what it would alone.
 void f32_product(const float* x, const float* w, const float* res, float* out, int64_t M,
                  int64_t K, int64_t N) {
-  const bool many = many_streams();
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
     const int64_t tile = M > 4 ? TILE : n1 - n0;
     for (int64_t t0 = n0; t0 < n1; t0 += tile) {
@@ -95,10 +75,10 @@ void f32_product(const float* x, const float* w, const float* res, float* out, i
         const float* rm = res ? res + m0 * N : nullptr;
         float* om = out + m0 * N;
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: f32_span<1>(xm, w, rm, om, K, N, t0, t1, many); break;
-          case 2: f32_span<2>(xm, w, rm, om, K, N, t0, t1, many); break;
-          case 3: f32_span<3>(xm, w, rm, om, K, N, t0, t1, many); break;
-          default: f32_span<4>(xm, w, rm, om, K, N, t0, t1, many);
+          case 1: f32_span<1>(xm, w, rm, om, K, N, t0, t1); break;
+          case 2: f32_span<2>(xm, w, rm, om, K, N, t0, t1); break;
+          case 3: f32_span<3>(xm, w, rm, om, K, N, t0, t1); break;
+          default: f32_span<4>(xm, w, rm, om, K, N, t0, t1);
         }
       }
     }
