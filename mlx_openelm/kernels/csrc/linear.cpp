@@ -10,35 +10,45 @@ namespace oe {
 
 namespace {
 
-// Weight rows a product reads at once: 8 with one input row (2-4 with more, as the 16 registers
-// allow), so each thread keeps several streams of loads in flight. On a 2-core AMD EPYC VM, in a
-// microbenchmark streaming 1.08 GB of fp32 weights on two threads, 8 rows at once ran 1.15-1.25x
-// faster than one row with a software prefetch 4 KB ahead (~19 GB/s), and the 270M's fp32 decode
-// 1.19x (4 alternating `generate_step` rounds); on an Intel Xeon VM a 32000 x 1280 product
-// streamed 32-34 GB/s so, against 28 one row at a time (as MKL's sgemv reads it).
+// Weight rows a product reads at once: 4 with one input row, 2 with two, 1 with three or four (as
+// the 16 registers allow), so each thread keeps several streams of loads in flight. On a 2-core
+// AMD EPYC VM, in a microbenchmark streaming 1.08 GB of fp32 weights on two threads, 4 or 8 rows at
+// once ran 1.15-1.25x faster than one row with a software prefetch 4 KB ahead (~19 GB/s), and the
+// 270M's fp32 decode 1.16-1.26x (alternating `generate_step` rounds), while a server's 4- and
+// 8-row steps kept their speed only with two accumulators per row; on an Intel Xeon VM a
+// 32000 x 1280 product streamed 32-34 GB/s with several rows at once, against 28 one at a time.
 //
 // out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows. Every
-// (m, r) has one accumulator summed in the same order whatever MR and NR are, so a row's result
-// does not depend on the rows beside it in a server's batch.
+// (m, r) has two accumulators (to hide the FMA latency), summed in the same order whatever MR and
+// NR are, so a row's result does not depend on the rows beside it in a server's batch.
 template <int MR, int NR>
 inline void f32_rows(const float* x, const float* w, const float* res, float* out, int64_t K,
                      int64_t N, int64_t n) {
   using X = VecW;
-  typename X::V acc[MR][NR];
+  constexpr int U = 2;
+  typename X::V acc[MR][NR][U];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) acc[m][r] = X::zero();
+    for (int r = 0; r < NR; r++)
+      for (int u = 0; u < U; u++) acc[m][r][u] = X::zero();
   int64_t k = 0;
-  for (; k + X::N <= K; k += X::N) {
-    typename X::V xv[MR];
-    for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k);
-    for (int r = 0; r < NR; r++) {
-      const auto wv = X::load(w + (n + r) * K + k);
-      for (int m = 0; m < MR; m++) acc[m][r] = X::fma(wv, xv[m], acc[m][r]);
+  for (; k + U * X::N <= K; k += U * X::N) {
+    for (int u = 0; u < U; u++) {
+      if constexpr (NR == 1) __builtin_prefetch(w + n * K + k + u * X::N + 1024);
+      typename X::V xv[MR];
+      for (int m = 0; m < MR; m++) xv[m] = X::load(x + m * K + k + u * X::N);
+      for (int r = 0; r < NR; r++) {
+        const auto wv = X::load(w + (n + r) * K + k + u * X::N);
+        for (int m = 0; m < MR; m++) acc[m][r][u] = X::fma(wv, xv[m], acc[m][r][u]);
+      }
     }
   }
   float acc_s[MR][NR];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) acc_s[m][r] = X::sum(acc[m][r]);
+    for (int r = 0; r < NR; r++) {
+      auto a = acc[m][r][0];
+      for (int u = 1; u < U; u++) a = X::add(a, acc[m][r][u]);
+      acc_s[m][r] = X::sum(a);
+    }
   for (; k < K; k++)
     for (int m = 0; m < MR; m++)
       for (int r = 0; r < NR; r++) acc_s[m][r] += w[(n + r) * K + k] * x[m * K + k];
@@ -51,7 +61,7 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
 template <int MR>
 void f32_span(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N,
               int64_t n0, int64_t n1) {
-  constexpr int NR = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // at most 8 accumulators
+  constexpr int NR = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // at most 8 accumulators
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
   for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
