@@ -10,22 +10,33 @@ namespace oe {
 
 namespace {
 
-// Weight rows a product reads at once: 4 with one input row, 2 with two, 1 with three or four (as
-// the 16 registers allow), so each thread keeps several streams of loads in flight. On a 2-core
-// AMD EPYC VM, in a microbenchmark streaming 1.08 GB of fp32 weights on two threads, 4 or 8 rows at
-// once ran 1.15-1.25x faster than one row with a software prefetch 4 KB ahead (~19 GB/s), and the
-// 270M's fp32 decode 1.16-1.26x (alternating `generate_step` rounds), while a server's 4- and
-// 8-row steps kept their speed only with two accumulators per row; on an Intel Xeon VM a
-// 32000 x 1280 product streamed 32-34 GB/s with several rows at once, against 28 one at a time.
-//
-// out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows. Every
-// (m, r) has two accumulators (to hide the FMA latency), summed in the same order whatever MR and
-// NR are, so a row's result does not depend on the rows beside it in a server's batch.
-template <int MR, int NR>
+// A product reads several weight rows at once per thread, as many as 8 accumulators allow, to keep
+// several streams of loads in flight; how many, and how many accumulators a (row, weight row)
+// pair gets, differ by CPU, as measured:
+// - AMD EPYC VM, two per pair, to hide the FMA latency: a server's 4- and 8-row steps ran 1.3-1.8x
+//   slower with one. So 4 weight rows for one input row, 2 for two, 1 for three or four. In a
+//   microbenchmark streaming 1.08 GB of fp32 weights on two threads, 4 or 8 rows at once ran
+//   1.15-1.25x faster than one row with a software prefetch 4 KB ahead (~19 GB/s), and the 270M's
+//   fp32 decode 1.16-1.26x (alternating `generate_step` rounds).
+// - Intel Xeon VM (AVX-512), one per pair: a 32000 x 1280 product streamed 34 GB/s with 8 weight
+//   rows at once, 28 one row at a time with two accumulators and a prefetch 4 KB ahead.
+// Every pair sums in the same order on a given CPU whatever the rows beside it, so a row gets the
+// bits in a server's batch that it gets alone.
+inline bool intel_cpu() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
+// out[m, n + r] = x[m] . w[n + r] (+ res[m, n + r]) for MR input rows and NR weight rows, with U
+// accumulators a pair.
+template <int MR, int NR, int U>
 inline void f32_rows(const float* x, const float* w, const float* res, float* out, int64_t K,
                      int64_t N, int64_t n) {
   using X = VecW;
-  constexpr int U = 2;
   typename X::V acc[MR][NR][U];
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR; r++)
@@ -58,13 +69,13 @@ inline void f32_rows(const float* x, const float* w, const float* res, float* ou
 }
 
 // Weight rows n0 .. n1 - 1 against MR input rows.
-template <int MR>
+template <int MR, int U>
 void f32_span(const float* x, const float* w, const float* res, float* out, int64_t K, int64_t N,
               int64_t n0, int64_t n1) {
-  constexpr int NR = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // at most 8 accumulators
+  constexpr int NR = 8 / U / (MR == 1 ? 1 : MR == 2 ? 2 : 4);  // 8 accumulators
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) f32_rows<MR, NR>(x, w, res, out, K, N, n);
-  for (; n < n1; n++) f32_rows<MR, 1>(x, w, res, out, K, N, n);
+  for (; n + NR <= n1; n += NR) f32_rows<MR, NR, U>(x, w, res, out, K, N, n);
+  for (; n < n1; n++) f32_rows<MR, 1, U>(x, w, res, out, K, N, n);
 }
 
 // Weight rows per tile: its 4-row blocks of input rows take it while it is in L2.
@@ -76,6 +87,7 @@ constexpr int64_t TILE = 16;
 // A row's sums do not depend on its block, so each row gets what it would alone.
 void f32_product(const float* x, const float* w, const float* res, float* out, int64_t M,
                  int64_t K, int64_t N) {
+  const bool intel = intel_cpu();
   parallel_for(N, 64, [&](int64_t n0, int64_t n1) {
     const int64_t tile = M > 4 ? TILE : n1 - n0;
     for (int64_t t0 = n0; t0 < n1; t0 += tile) {
@@ -84,12 +96,17 @@ void f32_product(const float* x, const float* w, const float* res, float* out, i
         const float* xm = x + m0 * K;
         const float* rm = res ? res + m0 * N : nullptr;
         float* om = out + m0 * N;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: f32_span<1>(xm, w, rm, om, K, N, t0, t1); break;
-          case 2: f32_span<2>(xm, w, rm, om, K, N, t0, t1); break;
-          case 3: f32_span<3>(xm, w, rm, om, K, N, t0, t1); break;
-          default: f32_span<4>(xm, w, rm, om, K, N, t0, t1);
-        }
+        auto span = [&](auto u) {
+          constexpr int U = decltype(u)::value;
+          switch (std::min<int64_t>(4, M - m0)) {
+            case 1: return f32_span<1, U>(xm, w, rm, om, K, N, t0, t1);
+            case 2: return f32_span<2, U>(xm, w, rm, om, K, N, t0, t1);
+            case 3: return f32_span<3, U>(xm, w, rm, om, K, N, t0, t1);
+            default: return f32_span<4, U>(xm, w, rm, om, K, N, t0, t1);
+          }
+        };
+        if (intel) span(std::integral_constant<int, 1>{});
+        else span(std::integral_constant<int, 2>{});
       }
     }
   });
