@@ -67,7 +67,7 @@ def test_linear_leaves_many_rows_and_biases_to_mlx():
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 @pytest.mark.parametrize("rows", [2, 5, 7, 8])  # 4-bit rows go in fours
-@pytest.mark.parametrize("n", [1000, 1003])  # 1003: fp32 rows left over from blocks of 8, 4, 2
+@pytest.mark.parametrize("n", [1000, 1003])  # 1003: fp32 weight rows left over from the blocks
 def test_a_batch_of_rows_gives_each_row_what_it_gives_alone(bits, rows, n):
     # The server's decode step (kernels.batch_rows): past four rows the weights go in tiles
     # that serve every block of rows, and quantized rows take the one-row integer dots each
